@@ -1,0 +1,33 @@
+"""fastgpt benchmarks (installed as ``fastgpt.bench``; run with ``fastgpt bench``).
+
+``CASES`` maps each case name to its definition; ``harness`` holds the measurement core
+(check, timing, device ceilings, result files) that every case shares.
+"""
+
+from .harness import (
+    DTYPES,
+    Session,
+    failed_rows,
+    render_header,
+    render_markdown,
+    render_table,
+    run_case,
+    warm_heap,
+    write_results,
+)
+from .layernorm import CASES as _NORM_CASES
+
+CASES = {case.name: case for case in _NORM_CASES}
+
+__all__ = [
+    "CASES",
+    "DTYPES",
+    "Session",
+    "failed_rows",
+    "render_header",
+    "render_markdown",
+    "render_table",
+    "run_case",
+    "warm_heap",
+    "write_results",
+]

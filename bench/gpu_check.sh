@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU validation in one go: build fastgpt with its CUDA kernels, run the whole test suite on
+# the GPU, then the benchmarks. Results (JSON and markdown tables) go to $OUT when it is set
+# and always to bench/results/; the full log is $OUT/gpu_check.log (or bench/results/).
+#
+#   bash bench/gpu_check.sh            # on a machine with a CUDA GPU, torch and triton
+#
+# Uses the python that has torch (PYTHON=... to choose); downloads nothing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+RESULTS=bench/results
+DEST=${OUT:-$RESULTS}
+mkdir -p "$DEST" "$RESULTS"
+LOG="$DEST/gpu_check.log"
+export PYTHONUNBUFFERED=1
+status=0
+
+step() { echo; echo "=== $* ===" | tee -a "$LOG"; }
+
+: > "$LOG"
+step "device"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee -a "$LOG"
+
+step "build (FASTGPT_CUDA_ARCHS=${FASTGPT_CUDA_ARCHS:-90a})"
+if ! MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install --no-build-isolation --no-deps -e . >>"$LOG" 2>&1; then
+  echo "build failed; see $LOG" | tee -a "$LOG"
+  tail -n 60 "$LOG"
+  exit 1
+fi
+"$PY" -c "import fastgpt; s = fastgpt.available_backends(); print({k: {d: (v.available or v.reason) for d, v in s[k].items()} for k in s})" 2>&1 | tee -a "$LOG"
+
+step "tests"
+"$PY" -m pytest tests -q -p no:cacheprovider -rfE 2>&1 | tee -a "$LOG" | tail -n 40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "benchmarks"
+"$PY" -m fastgpt bench --device cuda --out "$DEST" 2>&1 | tee -a "$LOG" >/dev/null
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "$DEST" != "$RESULTS" ]; then
+  cp "$DEST"/*.json "$DEST"/*.md "$RESULTS"/ 2>/dev/null || true
+fi
+
+step "summary"
+for md in "$DEST"/*.md; do
+  [ -e "$md" ] && cat "$md"
+done
+exit $status

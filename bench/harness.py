@@ -1,0 +1,675 @@
+"""Measurement core shared by every benchmark case.
+
+A case (bench/layernorm.py is the first) describes *what* to run: its problems (variant,
+shape, dtype and the work each one must do), the inputs, and the contenders. This module
+does the rest the same way for every op:
+
+- check before timing (llm.c's habit): every fastgpt contender's output is compared once
+  with the first contender (eager PyTorch) run in float64, FlashAttention's rule: its
+  error may be at most twice eager's own error at that dtype, plus a small floor; a
+  mismatch is reported in place of a time;
+- time: CUDA events through ``triton.testing.do_bench`` on the GPU, median of many
+  repetitions, L2 flushed before each one; ``torch.utils.benchmark`` on the CPU, median,
+  with the process's thread count;
+- relate each time to the work and the device's measured ceilings: bytes moved over the
+  measured copy bandwidth, FLOPs over the measured torch.matmul rate (when a case asks);
+- write the result as JSON plus a markdown table, and render both as text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import json
+import platform
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+import fastgpt
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# Row statuses: "ok"; "mismatch" (failed the check); "error" (a fastgpt contender raised);
+# "unsupported" (a fastgpt backend refused the input with BackendError, by design);
+# "skipped" (an optional contender such as torch.compile failed). Rows whose status is one
+# of these make a run fail (CLI exit status 1):
+FAILED = ("mismatch", "error")
+
+# The check's floor per output dtype, times the float64 reference's RMS: the error allowed
+# even where eager's own error is near zero, about one ulp of a typical element. Relative
+# to the RMS because gradients such as dweight/dbias are sums over all rows, whose
+# magnitude grows with the row count. Eager is not always the accurate one: measured here
+# (torch 2.13 CPU, 8192x4096 bf16) eager LayerNorm's dweight/dbias are off by ~40 at
+# magnitude ~300 (bf16 accumulation), which is why the reference is float64 and eager's
+# error only sets the budget.
+CHECK_TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.bfloat16: 4e-3,
+    torch.float16: 5e-4,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# What a case provides
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One timed configuration of a case and the least work any implementation must do."""
+
+    variant: str  # e.g. "fwd", "fwd+residual", "bwd", "bwd+residual"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    bytes: int  # each input read once, each output written once
+    flops: int = 0
+    # Set by cases whose ceiling is arithmetic (GEMM epilogues, attention): percent of the
+    # torch.matmul rate at this dtype is reported next to TFLOP/s.
+    gemm_dtype: torch.dtype | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} {shape_label(self.shape)} {DTYPE_NAMES.get(self.dtype, self.dtype)}"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """An implementation of a problem's forward function."""
+
+    name: str  # "torch.eager", "torch.compile", "fastgpt.<backend>"
+    fn: Callable[..., Any]
+    checked: bool = False  # compare the output with the reference before timing
+    optional: bool = False  # a failure is recorded as "skipped" (not ours), not as "error"
+
+
+@dataclass
+class Workload:
+    """A problem's inputs; `runner` turns a contender into the zero-argument thunk to time.
+
+    Forward problems time ``fn(*args)``. Backward problems (``grad_outputs`` set) run the
+    forward once, then time only ``torch.autograd.grad`` over the retained graph, for every
+    input that requires grad.
+    """
+
+    args: tuple
+    grad_outputs: tuple[torch.Tensor, ...] | None = None
+
+    def upcast(self, dtype: torch.dtype) -> Workload:
+        """The same inputs in `dtype` (floating tensors only), for a high-precision reference."""
+
+        def up(a: Any) -> Any:
+            if not (isinstance(a, torch.Tensor) and a.is_floating_point()):
+                return a
+            return a.detach().to(dtype).requires_grad_(a.requires_grad)
+
+        grads = None if self.grad_outputs is None else tuple(map(up, self.grad_outputs))
+        return Workload(tuple(map(up, self.args)), grads)
+
+    def runner(self, fn: Callable[..., Any]) -> Callable[[], Any]:
+        args = self.args
+        if self.grad_outputs is None:
+            return lambda: fn(*args)
+        outputs = _as_tuple(fn(*args))
+        inputs = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+        grad_outputs = self.grad_outputs
+        return lambda: torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True)
+
+
+class Case(Protocol):
+    name: str
+    # Contender names each row's time is compared with ("x torch.eager" columns).
+    baselines: tuple[str, ...]
+
+    def problems(self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool) -> list[Problem]: ...
+
+    def workload(self, problem: Problem, device: str) -> Workload: ...
+
+    # The first contender is eager PyTorch: run in float64 it is the check's reference.
+    def contenders(self, problem: Problem, device: str, compile: bool) -> list[Contender]: ...
+
+
+def fastgpt_backends(device: str) -> list[str]:
+    """fastgpt backends worth timing on `device`: those available_backends() says are usable,
+    less "torch" (eager PyTorch, already the baseline) and, on the CPU, "triton" (there it
+    is only the interpreter, a correctness tool)."""
+    names = []
+    for name, status in fastgpt.available_backends().items():
+        if name == "torch" or (name == "triton" and device == "cpu"):
+            continue
+        if status[device].available:
+            names.append(name)
+    return names
+
+
+def standard_contenders(
+    eager: Callable[..., Any],
+    fastgpt_fn: Callable[[str], Callable[..., Any]],
+    device: str,
+    compile: bool,
+) -> list[Contender]:
+    """Eager PyTorch (the reference), torch.compile of that same eager function, and each
+    usable fastgpt backend (`fastgpt_fn(backend)` gives its forward function)."""
+    contenders = [Contender("torch.eager", eager)]
+    if compile:
+        # Static shapes: what a user with fixed shapes gets. torch.compile is lazy, so a
+        # failure to compile surfaces at the first call, where run_problem records it.
+        contenders.append(Contender("torch.compile", torch.compile(eager, dynamic=False), optional=True))
+    contenders += [Contender(f"fastgpt.{b}", fastgpt_fn(b), checked=True) for b in fastgpt_backends(device)]
+    return contenders
+
+
+# ----------------------------------------------------------------------------------------
+# CPU heap: first-touch page faults
+# ----------------------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1
+
+
+def warm_heap() -> dict[str, Any]:
+    """Make glibc's malloc reuse freed large buffers; call before allocating any tensor.
+
+    Why: glibc serves every allocation above its mmap threshold (at most 32 MB when left
+    dynamic) with a fresh mmap and unmaps it on free, and the kernel zero-fills each page
+    at first touch. Every contender allocates its outputs, so a default process pays that
+    on each call: measured here (2-core AMD EPYC), allocating and first-touching a 128 MB
+    tensor costs ~45 ms while copying 128 MB into an existing buffer takes ~7-10 ms, and
+    eager F.layer_norm at 8192x4096 fp32 takes ~45 ms in a default process and ~11.5 ms
+    with a warm heap. Default benchmarks measure what users get; this isolates the
+    kernels' own cost.
+
+    Raises M_TRIM_THRESHOLD (freed memory stays in the heap) and M_MMAP_THRESHOLD (large
+    blocks come from the heap); glibc versions that cap the threshold reject the latter
+    (mallopt returns 0), and then M_MMAP_MAX=0 (no mmap at all) does the same job.
+    Returns {"applied": bool, "detail": str} for the result file.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded in this process
+    except (OSError, AttributeError):
+        return {"applied": False, "detail": "no mallopt in this process's C library"}
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    if mallopt(_M_TRIM_THRESHOLD, _INT_MAX) != 1:
+        return {"applied": False, "detail": "mallopt(M_TRIM_THRESHOLD) rejected"}
+    if mallopt(_M_MMAP_THRESHOLD, _INT_MAX) == 1:
+        return {"applied": True, "detail": "mallopt M_TRIM_THRESHOLD=M_MMAP_THRESHOLD=2^31-1"}
+    if mallopt(_M_MMAP_MAX, 0) == 1:
+        return {"applied": True, "detail": "mallopt M_TRIM_THRESHOLD=2^31-1, M_MMAP_MAX=0"}
+    return {"applied": False, "detail": "mallopt(M_MMAP_THRESHOLD) and mallopt(M_MMAP_MAX) rejected"}
+
+
+# ----------------------------------------------------------------------------------------
+# Timing and ceilings
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimerSettings:
+    cpu_min_run_time_s: float  # torch.utils.benchmark blocked_autorange budget per timing
+    gpu_warmup_ms: int  # do_bench warm-up and repetition budgets (milliseconds)
+    gpu_rep_ms: int
+    copy_bytes: int  # size of each of the two buffers of the copy-bandwidth probe
+    gemm_size: dict[str, int]  # square torch.matmul size of the GEMM-rate probe, per device
+
+
+FULL_TIMER = TimerSettings(1.0, 25, 200, 256 << 20, {"cuda": 8192, "cpu": 2048})
+QUICK_TIMER = TimerSettings(0.05, 5, 20, 32 << 20, {"cuda": 1024, "cpu": 256})
+
+
+class Session:
+    """One benchmark run on one device: timing settings, and the device's ceilings,
+    measured once (on first use) and shared by every case of the run."""
+
+    def __init__(self, device: str, *, quick: bool = False, compile: bool = True, heap: dict | None = None):
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.device = device
+        self.quick = quick
+        self.compile = compile
+        # {"requested", "applied", "detail"}: see warm_heap()
+        self.heap = heap or {"requested": False, "applied": False, "detail": "default allocator"}
+        self.timer = QUICK_TIMER if quick else FULL_TIMER
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self._copy_gbps: float | None = None
+        self._gemm_tflops: dict[torch.dtype, float] = {}
+
+    def time(self, fn: Callable[[], Any]) -> tuple[float, float]:
+        """(median, interquartile range) of one call of `fn`, in milliseconds."""
+        if self.device == "cuda":
+            from triton.testing import do_bench
+
+            # do_bench times each repetition with CUDA events after zeroing a 256 MB buffer,
+            # which evicts L2, so every repetition reads its inputs from HBM (the default
+            # GPU shapes are larger than L2 as well). The 0.5 quantile is the median the
+            # table reports; the quartiles give the spread.
+            q1, median, q3 = do_bench(
+                fn,
+                warmup=self.timer.gpu_warmup_ms,
+                rep=self.timer.gpu_rep_ms,
+                quantiles=[0.25, 0.5, 0.75],
+                return_mode="median",
+            )
+            return median, q3 - q1
+        from torch.utils.benchmark import Timer
+
+        # Warm-up beyond the check call (lazy initialisation, compiled-graph caches); its
+        # time stretches the budget so that slow calls still give a median of 10 runs.
+        start = perf_counter()
+        fn()
+        budget = max(self.timer.cpu_min_run_time_s, 10 * (perf_counter() - start))
+        # Timer pins torch's thread count for the measurement; its default is 1 thread.
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        measurement = timer.blocked_autorange(min_run_time=budget)
+        return measurement.median * 1e3, measurement.iqr * 1e3
+
+    def copy_bandwidth(self) -> float:
+        """GB/s of a large ``dst.copy_(src)`` into a preallocated dst, counting the bytes read
+        plus the bytes written: the ceiling for memory-bound ops."""
+        if self._copy_gbps is None:
+            n = self.timer.copy_bytes // 4
+            src = torch.randn(n, device=self.device)  # random, never zeros: untouched or
+            dst = torch.empty_like(src)  # zero pages can read faster than real data
+            ms, _ = self.time(lambda: dst.copy_(src))
+            self._copy_gbps = 2 * src.nbytes / ms / 1e6
+        return self._copy_gbps
+
+    def gemm_rate(self, dtype: torch.dtype = torch.bfloat16) -> float:
+        """TFLOP/s of a square torch.matmul at `dtype`: the ceiling for arithmetic-bound ops."""
+        if dtype not in self._gemm_tflops:
+            n = self.timer.gemm_size[self.device]
+            a = torch.randn(n, n, device=self.device, dtype=dtype)
+            b = torch.randn(n, n, device=self.device, dtype=dtype)
+            ms, _ = self.time(lambda: torch.matmul(a, b))
+            self._gemm_tflops[dtype] = 2 * n**3 / ms / 1e9
+        return self._gemm_tflops[dtype]
+
+    def timer_description(self) -> str:
+        if self.device == "cuda":
+            return (
+                f"triton.testing.do_bench (CUDA events, L2 flushed per repetition), median; "
+                f"warmup={self.timer.gpu_warmup_ms} ms, rep={self.timer.gpu_rep_ms} ms"
+            )
+        return (
+            f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time=max({self.timer.cpu_min_run_time_s} s, "
+            f"10 calls)), median; {torch.get_num_threads()} threads"
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything a result file records besides its rows."""
+        return {
+            "device": device_info(self.device),
+            "versions": versions(),
+            "date": self.started.isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "ceilings": {
+                "copy_gbps": self.copy_bandwidth(),
+                "copy_bytes": 2 * self.timer.copy_bytes,
+                "gemm_tflops": {DTYPE_NAMES.get(d, str(d)): r for d, r in self._gemm_tflops.items()},
+            },
+            "warm_heap": self.heap,
+            "settings": {"quick": self.quick, "compile": self.compile, "timer": self.timer_description()},
+            "backends": backend_status(self.device),
+        }
+
+
+# ----------------------------------------------------------------------------------------
+# Check and run
+# ----------------------------------------------------------------------------------------
+
+
+def _as_tuple(out: Any) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def compare(out: Any, eager: Any, reference: Any) -> str | None:
+    """None if `out` passes the check, else a one-line description of the first failure.
+
+    `eager` is eager PyTorch's output at the same dtype and `reference` eager's output on
+    float64 inputs (each a tensor, None, or a tuple of them). Per output: same dtype and
+    shape as eager's, NaN exactly where the reference has NaN, and
+    max|out - reference| <= 2 * max|eager - reference| + CHECK_TOLERANCE[dtype] * RMS(reference).
+    """
+    outs, eagers, refs = _as_tuple(out), _as_tuple(eager), _as_tuple(reference)
+    if len(outs) != len(eagers):
+        return f"returned {len(outs)} outputs, eager {len(eagers)}"
+    for i, (a, e, r) in enumerate(zip(outs, eagers, refs)):
+        if a is None or e is None:
+            if a is not e:
+                return f"output {i}: {type(a).__name__}, eager {type(e).__name__}"
+            continue
+        if a.dtype != e.dtype or a.shape != e.shape:
+            return f"output {i}: {a.dtype} {tuple(a.shape)}, eager {e.dtype} {tuple(e.shape)}"
+        r = r.detach().double()
+        nan = torch.isnan(r)
+        if not torch.equal(torch.isnan(a.detach()), nan):
+            return f"output {i}: NaN where the float64 reference has none, or the reverse"
+        finite = ~nan
+
+        def max_error(t: torch.Tensor) -> float:
+            diff = (t.detach().double() - r)[finite].abs()
+            return diff.max().item() if diff.numel() else 0.0
+
+        rms = r[finite].square().mean().sqrt().item() if finite.any() else 0.0
+        floor = CHECK_TOLERANCE.get(e.dtype, CHECK_TOLERANCE[torch.float32]) * rms
+        error, eager_error = max_error(a), max_error(e)
+        if not error <= 2 * eager_error + floor:  # `not <=`: a NaN error fails too
+            return (
+                f"output {i}: max error {error:.3g} vs the float64 reference; allowed "
+                f"{2 * eager_error + floor:.3g} (2 x eager's {eager_error:.3g} + floor {floor:.3g})"
+            )
+    return None
+
+
+def shape_label(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def run_problem(case: Case, problem: Problem, session: Session, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Check and time every contender of one problem; one row (a dict) per contender."""
+    if session.compile:
+        # Cases build their eager functions from shared code, so every problem would be a
+        # recompile of the same code object, and past torch.compile's recompile limit it
+        # silently runs eager. A reset per problem gives each one a fresh compile.
+        torch.compiler.reset()
+    workload = case.workload(problem, session.device)
+    contenders = case.contenders(problem, session.device, session.compile)
+    rows = []
+    reference, reference_error = None, ""
+    if any(c.checked for c in contenders):
+        try:
+            reference = workload.upcast(torch.float64).runner(contenders[0].fn)()
+        except Exception as e:  # noqa: BLE001 - reported in the checked rows
+            reference_error = _one_line(f"{type(e).__name__}: {e}")
+    eager = None
+    for index, contender in enumerate(contenders):
+        if log:
+            log(f"{case.name} {problem.label} {contender.name}")
+        row = {
+            "case": case.name,
+            "variant": problem.variant,
+            "shape": list(problem.shape),
+            "dtype": DTYPE_NAMES.get(problem.dtype, str(problem.dtype)),
+            "contender": contender.name,
+            "bytes": problem.bytes,
+            "flops": problem.flops,
+        }
+        if contender.checked and (eager is None or reference is None):
+            failed = contenders[0].name + (" in float64: " + reference_error if reference_error else "")
+            out, outcome = None, ("error", f"nothing to check against: {failed} failed", None, None)
+        else:
+            check = (eager, reference) if contender.checked else None
+            out, outcome = _check_and_time(contender, workload, session, check)
+        if index == 0:
+            eager = out
+        row["status"], row["detail"], row["ms"], row["iqr_ms"] = outcome
+        rows.append(row)
+    _add_rates(rows, problem, session, case.baselines)
+    return rows
+
+
+def _check_and_time(
+    contender: Contender, workload: Workload, session: Session, check: tuple[Any, Any] | None
+) -> tuple[Any, tuple[str, str, float | None, float | None]]:
+    """Run `contender` once, check the output against (eager output, float64 reference)
+    unless `check` is None, then time it. Returns (the output, (status, detail, median ms,
+    iqr ms)). The contender's autograd graph dies with this frame."""
+    # Any exception from a contender (a compile failure, a kernel that rejects the input,
+    # a crash) becomes the row's status, so one failure never hides the other rows.
+    try:
+        run = workload.runner(contender.fn)
+        out = run()
+        if check is not None:
+            mismatch = compare(out, *check)
+            if mismatch:
+                return out, ("mismatch", mismatch, None, None)
+        ms, iqr = session.time(run)
+    except Exception as e:  # noqa: BLE001 - see above
+        status = "skipped" if contender.optional else "unsupported" if isinstance(e, fastgpt.BackendError) else "error"
+        return None, (status, _one_line(f"{type(e).__name__}: {e}"), None, None)
+    return out, ("ok", "", ms, iqr)
+
+
+def _add_rates(rows: list[dict], problem: Problem, session: Session, baselines: Sequence[str]) -> None:
+    times = {r["contender"]: r["ms"] for r in rows if r["ms"]}
+    for r in rows:
+        ms = r["ms"]
+        r["gbps"] = problem.bytes / ms / 1e6 if ms else None
+        r["pct_copy"] = 100 * r["gbps"] / session.copy_bandwidth() if ms else None
+        r["tflops"] = problem.flops / ms / 1e9 if ms and problem.flops else None
+        r["pct_gemm"] = (
+            100 * r["tflops"] / session.gemm_rate(problem.gemm_dtype)
+            if r["tflops"] and problem.gemm_dtype is not None
+            else None
+        )
+        r["speedup"] = {b: times[b] / ms for b in baselines if ms and b in times}
+
+
+def run_case(
+    case: Case,
+    session: Session,
+    dtypes: Sequence[torch.dtype] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every problem of `case` (restricted to `dtypes` if given); returns the result
+    (metadata, baselines, rows) that write_results saves and render_* print."""
+    rows = []
+    for problem in case.problems(session.device, dtypes, session.quick):
+        rows += run_problem(case, problem, session, log)
+    return {"case": case.name, **session.metadata(), "baselines": list(case.baselines), "rows": rows}
+
+
+def failed_rows(result: dict[str, Any]) -> list[dict]:
+    return [r for r in result["rows"] if r["status"] in FAILED]
+
+
+# ----------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: str) -> dict[str, Any]:
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return {
+            "kind": "cuda",
+            "name": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        }
+    threads = torch.get_num_threads()
+    return {"kind": "cpu", "name": f"{_cpu_model()} ({threads} threads)", "threads": threads}
+
+
+def device_slug(info: dict[str, Any]) -> str:
+    """File-name form of the device: "cpu", or the GPU's name ("nvidia-h100-80gb-hbm3")."""
+    if info["kind"] == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    out["fastgpt"] = fastgpt.__version__
+    return out
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this file lives in ("+dirty" if tracked files changed), or None
+    outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def backend_status(device: str) -> dict[str, str]:
+    """fastgpt backend -> "available" or the reason it is not, on `device`."""
+    return {
+        name: "available" if status[device].available else status[device].reason
+        for name, status in fastgpt.available_backends().items()
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------
+
+
+def render_header(result: dict[str, Any]) -> list[str]:
+    dev, ver, ceil = result["device"], result["versions"], result["ceilings"]
+    lines = [
+        f"device: {dev['name']} ({dev['kind']})",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()) + f"; commit {result['git_commit'] or 'unknown'}",
+        f"date: {result['date']}",
+        f"copy bandwidth: {ceil['copy_gbps']:.1f} GB/s (dst.copy_(src), {ceil['copy_bytes'] >> 20} MiB read+written)",
+    ]
+    lines += [f"torch.matmul {name}: {rate:.1f} TFLOP/s" for name, rate in ceil["gemm_tflops"].items()]
+    lines.append(f"timer: {result['settings']['timer']}")
+    if dev["kind"] == "cpu":
+        heap = result["warm_heap"]
+        if heap["applied"]:
+            lines.append(
+                f"heap: warm ({heap['detail']}): freed buffers are reused, so times exclude "
+                "first-touch page faults of fresh outputs: the kernels' own cost"
+            )
+        else:
+            lines.append(
+                f"heap: default ({heap['detail']}): each output over 32 MB is a fresh mmap that "
+                "the kernel zero-fills on first touch; times include that, as users see it "
+                "(--warm-heap isolates the kernels' cost)"
+            )
+    if result["settings"]["quick"]:
+        lines.append("quick run: tiny shapes and short timings; a smoke test, not a measurement")
+    return lines
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = result["rows"]
+    gemm = any(r["pct_gemm"] is not None for r in rows)
+    flops = any(r["tflops"] is not None for r in rows)
+    headers = ["variant", "shape", "dtype", "contender", "ms", "GB/s", "% copy"]
+    headers += ["TFLOP/s"] * flops + ["% gemm"] * gemm
+    headers += [f"x {b}" for b in result["baselines"]] + ["status"]
+    body = []
+    for r in rows:
+        cells = [r["variant"], shape_label(r["shape"]), r["dtype"], r["contender"]]
+        cells += [_fmt(r["ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".0f")]
+        cells += [_fmt(r["tflops"], ".1f")] * flops + [_fmt(r["pct_gemm"], ".0f")] * gemm
+        cells += [_fmt(r["speedup"].get(b), ".2f") for b in result["baselines"]]
+        cells.append(r["status"] + (f": {r['detail']}" if r["detail"] else ""))
+        body.append(cells)
+    return headers, body
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """Plain-text table of a result, columns aligned (numbers to the right)."""
+    headers, body = _table(result)
+    widths = [max(len(c) for c in col) for col in zip(headers, *body)]
+    text_cols = {0, 1, 2, 3, len(headers) - 1}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i in text_cols else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([f"== {result['case']} ==", line(headers), *map(line, body)])
+
+
+def render_markdown(result: dict[str, Any] | str | Path) -> str:
+    """Markdown of a result (or of a result JSON file): header as a list, then the table."""
+    if not isinstance(result, dict):
+        result = json.loads(Path(result).read_text())
+    headers, body = _table(result)
+    lines = [f"### {result['case']}", ""]
+    lines += [f"- {line}" for line in render_header(result)]
+    lines += ["", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Save `result` as <case>-<device>-<YYYYMMDD-HHMMSS>.json plus the same name .md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.fromisoformat(result["date"]).strftime("%Y%m%d-%H%M%S")
+    stem = f"{result['case']}-{device_slug(result['device'])}-{stamp}"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(render_markdown(result))
+    return json_path, md_path
+
+
+__all__ = [
+    "CHECK_TOLERANCE",
+    "DTYPES",
+    "DTYPE_NAMES",
+    "FAILED",
+    "Case",
+    "Contender",
+    "Problem",
+    "Session",
+    "TimerSettings",
+    "Workload",
+    "backend_status",
+    "compare",
+    "device_info",
+    "device_slug",
+    "failed_rows",
+    "fastgpt_backends",
+    "git_commit",
+    "render_header",
+    "render_markdown",
+    "render_table",
+    "run_case",
+    "run_problem",
+    "shape_label",
+    "standard_contenders",
+    "versions",
+    "warm_heap",
+    "write_results",
+]

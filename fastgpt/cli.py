@@ -1,0 +1,144 @@
+"""The ``fastgpt`` command (also ``python -m fastgpt``).
+
+    fastgpt bench [CASE ...] [--device cpu|cuda|auto] [--dtype DTYPE ...] [--quick]
+                  [--warm-heap] [--out DIR] [--no-compile]
+    fastgpt info
+    fastgpt profile
+
+Exit status: 0 ok; 1 a fastgpt contender failed its check against eager PyTorch or raised
+(a backend refusing an input by design, with BackendError, is reported but not a failure);
+2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # Imported here: `fastgpt info` should not pay for the benchmark machinery.
+    from . import bench
+
+    unknown = [c for c in args.cases if c not in bench.CASES]
+    if unknown:
+        args.parser.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(bench.CASES)}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        args.parser.error("--device cuda: torch sees no CUDA device")
+
+    # Before any benchmark tensor exists: the allocator settings only govern later blocks.
+    if not args.warm_heap:
+        heap = {"applied": False, "detail": "default glibc malloc"}
+    elif device == "cpu":
+        heap = bench.warm_heap()
+    else:
+        heap = {"applied": False, "detail": "CPU only; CUDA's caching allocator already reuses memory"}
+    heap["requested"] = args.warm_heap
+    session = bench.Session(device, quick=args.quick, compile=not args.no_compile, heap=heap)
+    dtypes = [bench.DTYPES[d] for d in dict.fromkeys(args.dtype)] if args.dtype else None
+
+    print("\n".join(bench.render_header(session.metadata())) + "\n", flush=True)
+    failed = []
+    for name in args.cases or bench.CASES:
+        result = bench.run_case(bench.CASES[name], session, dtypes, log=_progress)
+        json_path, md_path = bench.write_results(result, args.out)
+        print(bench.render_table(result))
+        print(f"wrote {json_path} and {md_path.name}\n", flush=True)
+        failed += bench.failed_rows(result)
+    if failed:
+        print(f"{len(failed)} row(s) failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r['case']} {r['variant']} {r['dtype']} {r['contender']}: {r['status']}: {r['detail']}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def _info(args: argparse.Namespace) -> int:
+    import fastgpt
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"fastgpt {fastgpt.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {triton_version}, python {platform.python_version()}")
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    print(f"devices: cpu ({torch.get_num_threads()} threads), cuda: {cuda}")
+    print("backends:")
+    for name, per_device in fastgpt.available_backends().items():
+        for device, status in per_device.items():
+            print(f"  {name:<7} {device:<5} {'available' if status.available else 'no: ' + status.reason}")
+    return EXIT_OK
+
+
+def _profile(args: argparse.Namespace) -> int:
+    print("fastgpt profile: not implemented yet: comes with the attention op", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="fastgpt", description="fastgpt kernels: benchmarks and diagnostics")
+    parser.add_argument("--version", action="version", version=f"fastgpt {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    bench = commands.add_parser(
+        "bench",
+        help="check and time the ops against eager PyTorch and torch.compile",
+        description=(
+            "Check each fastgpt backend against eager PyTorch, then time it; print a table and "
+            "write <case>-<device>-<date>.json and .md under --out. Exit 1 if any check fails."
+        ),
+    )
+    bench.add_argument("cases", nargs="*", metavar="CASE", help="cases to run (default: all)")
+    bench.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="auto: cuda if available")
+    bench.add_argument(
+        "--dtype",
+        action="append",
+        choices=("fp32", "bf16", "fp16"),
+        help="run only these dtypes (repeatable; default: the device's default set)",
+    )
+    bench.add_argument("--quick", action="store_true", help="tiny shapes, short timings: a smoke test")
+    bench.add_argument(
+        "--warm-heap",
+        action="store_true",
+        help=(
+            "CPU: make glibc malloc reuse freed buffers, so times exclude the page faults of "
+            "first-touching fresh outputs (default: include them, as users see them)"
+        ),
+    )
+    bench.add_argument("--out", default="bench/results", help="result directory (default: %(default)s)")
+    bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    bench.set_defaults(handler=_bench, parser=bench)  # usage errors name `fastgpt bench`
+
+    info = commands.add_parser("info", help="versions and the backends usable here")
+    info.set_defaults(handler=_info)
+
+    profile = commands.add_parser("profile", help="not implemented yet (comes with the attention op)")
+    profile.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    profile.set_defaults(handler=_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)  # exits with status 2 on a usage error
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return args.handler(args)

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op; installed as `fastgpt.kernels` (imports only torch and triton)."""

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# fastgpt's two entry points; each sets up what it needs, then runs:
+#
+#   ./run.sh bench [fastgpt bench args]   kernel benchmarks on whatever device is present
+#   ./run.sh test  [pytest args]          the test suite
+#
+# Set-up: a Python that already has torch and triton (the GPU image, or your own
+# environment; PYTHON=... picks one) is used as it is and nothing is downloaded. Otherwise
+# .venv is created with the pinned CPU stack: torch 2.13.0 (never an unpinned torch, which
+# would pull gigabytes of CUDA wheels), triton and numpy < 2.4 (Triton's interpreter, which
+# runs the Triton tests on CPU, has broken with newer numpy). Then fastgpt is installed in
+# editable mode, compiling fastgpt._C (with CUDA where torch has it and nvcc is found)
+# whenever a source under csrc/ is newer than the built library.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+TEST_DEPS=(pytest pytest-benchmark ninja)
+
+has() { "$PY" -c "import $1" >/dev/null 2>&1; }
+
+setup() {
+  if ! has "torch, triton"; then
+    if [ ! -x .venv/bin/python ]; then
+      "$PY" -m venv .venv
+    fi
+    PY=.venv/bin/python
+    if ! has "torch, triton, pytest, pytest_benchmark, ninja"; then
+      "$PY" -m pip install -q --upgrade pip setuptools wheel
+      "$PY" -m pip install -q "torch==2.13.0" "triton==3.9.0" "numpy<2.4" "${TEST_DEPS[@]}"
+    fi
+  fi
+  local so
+  so=$(ls fastgpt/_C*.so 2>/dev/null | head -n 1 || true)
+  if [ -z "$so" ] || ! has "fastgpt.kernels" || [ -n "$(find csrc setup.py -newer "$so" -type f | head -n 1)" ]; then
+    echo "run.sh: building fastgpt (fastgpt._C) with $PY" >&2
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+  fi
+}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  test)
+    setup
+    exec "$PY" -m pytest tests "$@"
+    ;;
+  bench)
+    setup
+    exec "$PY" -m fastgpt bench "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh bench [args] | ./run.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac
