@@ -25,7 +25,8 @@ def _bench(args: argparse.Namespace) -> int:
     # Imported here: `fastgpt info` should not pay for the benchmark machinery.
     from . import bench
 
-    unknown = [c for c in args.cases if c not in bench.CASES]
+    cases = list(dict.fromkeys(args.cases)) or list(bench.CASES)
+    unknown = [c for c in cases if c not in bench.CASES]
     if unknown:
         args.parser.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(bench.CASES)}")
     device = args.device
@@ -47,7 +48,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     print("\n".join(bench.render_header(session.metadata())) + "\n", flush=True)
     failed = []
-    for name in args.cases or bench.CASES:
+    for name in cases:
         result = bench.run_case(bench.CASES[name], session, dtypes, log=_progress)
         json_path, md_path = bench.write_results(result, args.out)
         print(bench.render_table(result))

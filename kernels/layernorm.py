@@ -124,7 +124,7 @@ def _xhat(h, mean, rstd, RMS: tl.constexpr):
 
 @triton.jit
 def _fwd_store_chunk(
-    h,  # (BLOCK_N,) normalised input in the stats dtype
+    h,  # (BLOCK_N,) the chunk being normalised, in the stats dtype
     mean,  # row mean (ignored for RMSNorm)
     rstd,  # row 1/std
     W,  # pointer to weight (N,), or None
@@ -162,8 +162,9 @@ def _bwd_load_chunk(
     HAS_WEIGHT: tl.constexpr,
     ACC: tl.constexpr,  # stats dtype
 ):
-    """(dy, g = dy * weight, xhat) for one row chunk in the stats dtype, all 0 in the padding
-    (xhat explicitly: (0 - mean) * rstd is not 0 and would leak into the row sums)."""
+    """(dy, g = dy * weight, xhat) for one row chunk in the stats dtype, all 0 in the padding.
+    xhat is zeroed there explicitly: (0 - mean) * rstd is not 0, and padding lanes feed the row
+    sums and the dweight partials, so they must hold exact zeros whatever dy, mean and rstd are."""
     dy = tl.load(DY + cols, mask=mask, other=0.0).to(ACC)
     src = tl.load(Src + cols, mask=mask, other=0.0).to(ACC)
     xhat = tl.where(mask, _xhat(src, mean, rstd, RMS), 0.0)
@@ -224,11 +225,13 @@ def _norm_fwd_kernel(
         h = _load_src(X, R, cols, mask, HAS_RESIDUAL, ACC)
         mean, m2 = _chunk_moments(h, mask, N, RMS)
         rstd = _rstd(m2, N, eps)
-        _fwd_store_chunk(h, mean, rstd, W, B, Y, H, cols, mask, RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS)
+        _fwd_store_chunk(
+            h, mean, rstd, W, B, Y, H, cols, mask, RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS
+        )
     else:
         # Pass 1: statistics, merging each chunk's (count, mean, M2) into the running ones with
         # Chan et al.'s pairwise update, which is as stable as a two-pass variance.
-        n_a = tl.zeros([], dtype=ACC)  # entries merged so far
+        count = tl.zeros([], dtype=ACC)  # entries merged so far (exact: N <= 2**24)
         mean = tl.zeros([], dtype=ACC)
         m2 = tl.zeros([], dtype=ACC)
         for start in range(0, N, BLOCK_N):
@@ -241,17 +244,19 @@ def _norm_fwd_kernel(
                 m2 += m2_b
             else:
                 delta = mean_b - mean
-                mean += delta * (n_b / (n_a + n_b))
-                m2 += m2_b + delta * delta * (n_a * n_b / (n_a + n_b))
-                n_a += n_b
+                mean += delta * (n_b / (count + n_b))
+                m2 += m2_b + delta * delta * (count * n_b / (count + n_b))
+                count += n_b
         rstd = _rstd(m2, N, eps)
-        # Pass 2: normalise. The row was read moments ago by this program, so this mostly hits L2;
-        # h is recomputed from x and the residual (same rounding) rather than read back from H.
+        # Pass 2: normalise (and write h). This program read the row just before, so these reads
+        # should mostly hit L2; h is recomputed with the same rounding, so it is the same h.
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = cols < N
             h = _load_src(X, R, cols, mask, HAS_RESIDUAL, ACC)
-            _fwd_store_chunk(h, mean, rstd, W, B, Y, H, cols, mask, RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS)
+            _fwd_store_chunk(
+                h, mean, rstd, W, B, Y, H, cols, mask, RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS
+            )
 
     if not RMS:
         tl.store(Mean + row, mean)
@@ -407,6 +412,7 @@ def _launch_config(n_cols, element_size, backward, block_n=None):
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index):
+    """SM count of a CUDA device, cached: the property query is too slow for every launch."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -428,14 +434,11 @@ def _on_device(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, *, block_n=None):
     """LayerNorm (rms=False) or RMSNorm (rms=True) over the last dim, optionally of x + residual.
 
-    x: (M, N) with x.stride(1) == 1 (any row stride; no copy is made), float32/16, bfloat16, float64.
+    x: (M, N) with x.stride(1) == 1 (any row stride; no copy is made); float32, float16,
+       bfloat16 or float64.
     residual: None or (M, N), stride(1) == 1, x's dtype.
     weight, bias: None or contiguous (N,), x's dtype (bias is None for RMSNorm).
     block_n: tests only; forces the chunk size (a power of 2), e.g. to run the looped layout.
@@ -448,7 +451,7 @@ def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, *, block_n=None):
       rstd: (M,) stats dtype.
     """
     M, N = x.shape
-    stats_dtype = _stats_dtype(x.dtype)
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     h = None if residual is None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     mean = None if rms else torch.empty((M,), dtype=stats_dtype, device=x.device)
@@ -466,11 +469,14 @@ def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, *, block_n=None):
             BLOCK_N=BLOCK_N,
             ROW_IN_REGS=BLOCK_N >= N,
             num_warps=num_warps,
-        )  # fmt: skip
+        )
     return y, h, mean, rstd
 
 
-def norm_bwd(dy, dh, src, weight, mean, rstd, rms: bool, need_dweight: bool, need_dbias: bool, *, block_n=None):
+def norm_bwd(
+    dy, dh, src, weight, mean, rstd, rms: bool, need_dweight: bool, need_dbias: bool, *,
+    block_n=None,
+):
     """Gradients of `norm_fwd`.
 
     dy: (M, N) contiguous, gradient of y. dh: None or (M, N) contiguous, gradient of h (added
@@ -507,7 +513,7 @@ def norm_bwd(dy, dh, src, weight, mean, rstd, rms: bool, need_dweight: bool, nee
                 HAS_WEIGHT=weight is not None,
                 BLOCK_N=BLOCK_N,
                 num_warps=num_warps,
-            )  # fmt: skip
+            )
         _norm_bwd_kernel[(programs, n_chunks)](
             dy, dh, src, weight, mean, rstd, mean_gxhat, mean_g, dx, dw_partial, db_partial,
             src.stride(0), M, N, rows_per_program,
@@ -519,7 +525,7 @@ def norm_bwd(dy, dh, src, weight, mean, rstd, rms: bool, need_dweight: bool, nee
             BLOCK_N=BLOCK_N,
             ROW_IN_REGS=row_in_regs,
             num_warps=num_warps,
-        )  # fmt: skip
+        )
     dweight = dw_partial.sum(0) if need_dweight else None
     dbias = db_partial.sum(0) if need_dbias else None
     return dx, dweight, dbias

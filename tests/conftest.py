@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton_interp  # noqa: E402
+
+    triton_interp.install()
 
 import pytest  # noqa: E402
 

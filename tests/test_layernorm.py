@@ -232,6 +232,7 @@ def test_compile_inductor(op):
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_nan_propagates(op, backend, device):
     x, w, b, r = make_inputs(op, (4, 33), "wb", torch.float32, device, False)
     x[1, 7] = float("nan")
@@ -404,3 +405,46 @@ def test_module_variants_match_torch():
         torch.testing.assert_close(ours(x), theirs(x))
     with pytest.raises(ValueError, match="normalized_shape"):
         fastgpt.nn.RMSNorm(7)(x)
+
+
+# ------------------------------------------------------------- Triton's looped layout
+
+
+@pytest.mark.skipif(not HAS_CUDA and not fastgpt.available_backends()["triton"]["cpu"],
+                    reason="triton unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_triton_looped_layout(rms, dtype):
+    """Rows longer than a register block are walked in chunks (Chan-merged statistics, second
+    pass to normalise); forcing a small chunk runs that layout on a small row, with a large
+    mean to catch cancellation, strided rows, a residual and dh."""
+    from fastgpt.kernels import layernorm as tk
+    from fastgpt.layernorm import _torch_norm_bwd, _torch_norm_fwd
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    g = torch.Generator().manual_seed(11)
+    m, n = 5, 4097
+    base = (torch.randn(m, n + 3, generator=g) + 300.0).to(device, dtype)
+    x = base[:, :n]  # strided, misaligned rows
+    r = torch.randn(m, n, generator=g).to(device, dtype)
+    w = (torch.rand(n, generator=g) + 0.5).to(device, dtype)
+    b = None if rms else torch.randn(n, generator=g).to(device, dtype)
+    dy = torch.randn(m, n, generator=g).to(device, dtype)
+    dh = torch.randn(m, n, generator=g).to(device, dtype)
+
+    y, h, mean, rstd = tk.norm_fwd(x, w, b, r, 1e-5, rms, block_n=2048)  # 3 chunks
+    assert torch.equal(h, x + r)
+    # The reference normalises the rounded h, as the kernel must.
+    y_ref, _, _, rstd_ref = _torch_norm_fwd(h.double(), w.double(),
+                                            None if b is None else b.double(), None, 1e-5, rms)
+    y_eag = _torch_norm_fwd(x, w, b, r, 1e-5, rms)[0]  # fp32 statistics, dtype in and out
+    assert_close_rule("y", y, y_eag, y_ref)
+    torch.testing.assert_close(rstd.double(), rstd_ref, rtol=1e-4, atol=0)
+
+    got = tk.norm_bwd(dy, dh, h, w, mean, rstd, rms, True, not rms, block_n=2048)
+    eag = _torch_norm_bwd(dy, dh, h, w, mean, rstd, rms, True, not rms)
+    ref = _torch_norm_bwd(dy.double(), dh.double(), h.double(), w.double(),
+                          None if rms else mean.double(), rstd.double(), rms, True, not rms)
+    for name, a, e, r_ in zip(["dx", "dweight", "dbias"], got, eag, ref):
+        if r_ is not None:
+            assert_close_rule(name, a.to(dtype) if name != "dx" else a, e.to(dtype) if name != "dx" else e, r_)

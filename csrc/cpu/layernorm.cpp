@@ -90,6 +90,55 @@ struct Elem<bf16_bits> {
 };
 
 // ---------------------------------------------------------------------------------------
+// Row groups and tiles. Rows are processed in groups of up to kMaxGroup rows (about
+// kGroupBytes of input per group, so a group stays in L2 between its passes):
+//  * the statistics passes run row by row;
+//  * the output pass runs tile by tile, a tile being kTileBytes of one row: for each column
+//    range, every row of the group in turn. The weight (and bias, and dweight/dbias partial
+//    sums) of that column range is then reused from L1 by all rows of the group, instead of
+//    being streamed through L1 once per row next to the row itself;
+//  * each tile of the output pass also prefetches the same tile of the next group's input
+//    rows. A row's passes otherwise take turns on the memory system (reading, then
+//    computing from cache, then writing), and the hardware prefetcher only runs ahead of
+//    demand misses, which the in-cache passes make none of; this way the next group's reads
+//    overlap this group's compute and writes, and its statistics passes find it in cache.
+constexpr int64_t kGroupBytes = int64_t(64) << 10;
+constexpr int64_t kMaxGroup = 16;
+constexpr int64_t kTileBytes = 1024;
+
+template <class T>
+int64_t group_rows(int64_t N) {
+  return std::clamp<int64_t>(kGroupBytes / (N * int64_t(sizeof(T))), 1, kMaxGroup);
+}
+
+// Touches the cache lines holding elements [begin, end) of each non-null row.
+template <class T, size_t K>
+FASTGPT_INLINE void prefetch_rows(const std::array<const T*, K>& rows, int64_t begin,
+                                  int64_t end) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (const T* row : rows) {
+    if (row == nullptr) continue;
+    for (int64_t j = begin; j < end; j += kLine) __builtin_prefetch(row + j);
+  }
+}
+
+// Output pass over a group: body(r, j) for rows r < rows and columns j < n, tile by tile
+// (see above), the inner column loop vectorised. next(r) gives row r's inputs in the next
+// group (nulls where there is no such row), prefetched tile by tile.
+template <class T, class Next, class Body>
+FASTGPT_INLINE void group_tiles(int64_t rows, int64_t n, const Next& next, const Body& body) {
+  constexpr int64_t kTile = kTileBytes / sizeof(T);
+  for (int64_t c = 0; c < n; c += kTile) {
+    const int64_t c_end = std::min(n, c + kTile);
+    for (int64_t r = 0; r < rows; ++r) {
+      prefetch_rows(next(r), c, c_end);
+#pragma omp simd
+      for (int64_t j = c; j < c_end; ++j) body(r, j);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Row reduction: K sums over j < n of term(j) (a std::array<S, K>), in S.
 //  * Speed: a single `omp simd reduction` accumulator is one vector register, so the loop runs
 //    at one add per FP-add latency. Instead each sum gets kLanes independent accumulators
@@ -182,61 +231,74 @@ FASTGPT_SIMD_CLONES void fwd_rows(const FwdArgs<T>& a, int64_t row_begin, int64_
   using E = Elem<T>;
   using S = typename E::S;
   const int64_t N = a.N;
+  const int64_t group = group_rows<T>(N);
   const T* __restrict w = a.w;
   const T* __restrict b = a.b;
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    const T* __restrict x = a.x + i * a.x_stride;
-    T* __restrict y = a.y + i * N;
-    // Pass 1 (the only one that touches DRAM): form the row to normalise and sum it (LN) or
-    // its squares (RMS). With a residual, h is rounded to T before it is summed, so the
-    // statistics and y describe exactly the h we return.
-    const T* __restrict src = x;
-    S sum;
-    if constexpr (kRes) {
-      const T* __restrict r = a.res + i * a.res_stride;
-      T* __restrict h = a.h + i * N;
-      sum = row_sums<1, S>(N, [&](int64_t j) {
-        const T hj = E::store(E::load(x[j]) + E::load(r[j]));
-        h[j] = hj;
-        const S v = E::load(hj);
-        return std::array<S, 1>{kRms ? v * v : v};
-      })[0];
-      src = h;
-    } else {
-      sum = row_sums<1, S>(N, [&](int64_t j) {
-        const S v = E::load(x[j]);
-        return std::array<S, 1>{kRms ? v * v : v};
-      })[0];
+  for (int64_t g0 = row_begin; g0 < row_end; g0 += group) {
+    const int64_t rows = std::min(group, row_end - g0);
+    S mean[kMaxGroup], rstd[kMaxGroup];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = g0 + r;
+      const T* __restrict x = a.x + i * a.x_stride;
+      // Pass 1: form the row to normalise and sum it (LN) or its squares (RMS). With a
+      // residual, h is rounded to T before it is summed, so the statistics and y describe
+      // exactly the h we return.
+      const T* __restrict src = x;
+      S sum;
+      if constexpr (kRes) {
+        const T* __restrict res = a.res + i * a.res_stride;
+        T* __restrict h = a.h + i * N;
+        sum = row_sums<1, S>(N, [&](int64_t j) {
+          const T hj = E::store(E::load(x[j]) + E::load(res[j]));
+          h[j] = hj;
+          const S v = E::load(hj);
+          return std::array<S, 1>{kRms ? v * v : v};
+        })[0];
+        src = h;
+      } else {
+        sum = row_sums<1, S>(N, [&](int64_t j) {
+          const S v = E::load(x[j]);
+          return std::array<S, 1>{kRms ? v * v : v};
+        })[0];
+      }
+      // Pass 2 (LN only): corrected two-pass variance. With d = v - mean, var = mean(d^2) -
+      // mean(d)^2, and mean + mean(d) is the mean with pass 1's rounding error removed
+      // (mean(d) is tiny, so neither step cancels). std::max keeps a NaN variance NaN.
+      S var;
+      if constexpr (kRms) {
+        mean[r] = 0;
+        var = sum / S(N);
+      } else {
+        const S mean0 = sum / S(N);
+        const std::array<S, 2> dev = row_sums<2, S>(N, [&](int64_t j) {
+          const S d = E::load(src[j]) - mean0;
+          return std::array<S, 2>{d, d * d};
+        });
+        const S shift = dev[0] / S(N);
+        mean[r] = mean0 + shift;
+        var = std::max(dev[1] / S(N) - shift * shift, S(0));
+        a.mean[i] = mean[r];
+      }
+      rstd[r] = S(1) / std::sqrt(var + a.eps);
+      a.rstd[i] = rstd[r];
     }
-    // Pass 2 (LN only, row now in cache): corrected two-pass variance. With d = v - mean,
-    // var = mean(d^2) - mean(d)^2, and mean + mean(d) is the mean with pass 1's rounding
-    // error removed (mean(d) is tiny, so neither step cancels).
-    S mean = 0, var;
-    if constexpr (kRms) {
-      var = sum / S(N);
-    } else {
-      const S mean0 = sum / S(N);
-      const std::array<S, 2> dev = row_sums<2, S>(N, [&](int64_t j) {
-        const S d = E::load(src[j]) - mean0;
-        return std::array<S, 2>{d, d * d};
-      });
-      const S shift = dev[0] / S(N);
-      mean = mean0 + shift;
-      var = std::max(dev[1] / S(N) - shift * shift, S(0));
-      a.mean[i] = mean;
-    }
-    const S rstd = S(1) / std::sqrt(var + a.eps);
-    a.rstd[i] = rstd;
-    // Pass 3: y = xhat * w + b.
-#pragma omp simd
-    for (int64_t j = 0; j < N; ++j) {
-      S v = E::load(src[j]);
-      if constexpr (!kRms) v -= mean;
-      v *= rstd;
+    // Pass 3: y = xhat * w + b, reading the group's rows back from cache (h when a residual
+    // was given, else x).
+    const auto next = [&](int64_t r) {
+      const int64_t i = g0 + group + r;
+      const bool more = i < row_end;
+      return std::array<const T*, 2>{more ? a.x + i * a.x_stride : nullptr,
+                                     kRes && more ? a.res + i * a.res_stride : nullptr};
+    };
+    group_tiles<T>(rows, N, next, [&](int64_t r, int64_t j) {
+      const int64_t i = g0 + r;
+      S v = E::load(kRes ? a.h[i * N + j] : a.x[i * a.x_stride + j]);
+      if constexpr (!kRms) v -= mean[r];
+      v *= rstd[r];
       if constexpr (kW) v *= E::load(w[j]);
       if constexpr (kB) v += E::load(b[j]);
-      y[j] = E::store(v);
-    }
+      a.y[i * N + j] = E::store(v);
+    });
   }
 }
 
@@ -265,51 +327,59 @@ FASTGPT_SIMD_CLONES void bwd_rows(const BwdArgs<T>& a, int64_t row_begin, int64_
   using E = Elem<T>;
   using S = typename E::S;
   const int64_t N = a.N;
+  const int64_t group = group_rows<T>(N);
   const S inv_n = S(1) / S(N);
   const T* __restrict w = a.w;
-  for (int64_t i = row_begin; i < row_end; ++i) {
-    const T* __restrict src = a.src + i * a.src_stride;
-    const T* __restrict dy = a.dy + i * N;
-    T* __restrict dx = a.dx + i * N;
-    const S mean = kRms ? S(0) : a.mean[i];
-    const S rstd = a.rstd[i];
-    const auto xhat = [&](int64_t j) {
-      S v = E::load(src[j]);
-      if constexpr (!kRms) v -= mean;
-      return v * rstd;
+  // xhat and g = dy * w of element j of row i.
+  const auto xhat = [&](int64_t i, int64_t j) {
+    S v = E::load(a.src[i * a.src_stride + j]);
+    if constexpr (!kRms) v -= a.mean[i];
+    return v * a.rstd[i];
+  };
+  const auto g = [&](int64_t i, int64_t j) {
+    const S d = E::load(a.dy[i * N + j]);
+    return kW ? d * E::load(w[j]) : d;
+  };
+  for (int64_t g0 = row_begin; g0 < row_end; g0 += group) {
+    const int64_t rows = std::min(group, row_end - g0);
+    // Pass 1: mean(g * xhat), and mean(g) for LN, per row.
+    S mean_gx[kMaxGroup], mean_g[kMaxGroup];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = g0 + r;
+      constexpr int kSums = kRms ? 1 : 2;
+      const std::array<S, kSums> sums = row_sums<kSums, S>(N, [&](int64_t j) {
+        const S gj = g(i, j);
+        if constexpr (kRms) {
+          return std::array<S, 1>{gj * xhat(i, j)};
+        } else {
+          return std::array<S, 2>{gj * xhat(i, j), gj};
+        }
+      });
+      mean_gx[r] = sums[0] * inv_n;
+      mean_g[r] = kRms ? S(0) : sums[kSums - 1] * inv_n;
+    }
+    // Pass 2: dx, and the group's dweight/dbias contributions.
+    const auto next = [&](int64_t r) {
+      const int64_t i = g0 + group + r;
+      const bool more = i < row_end;
+      return std::array<const T*, 3>{more ? a.src + i * a.src_stride : nullptr,
+                                     more ? a.dy + i * N : nullptr,
+                                     kDh && more ? a.dh + i * N : nullptr};
     };
-    const auto g = [&](int64_t j) {
-      const S d = E::load(dy[j]);
-      return kW ? d * E::load(w[j]) : d;
-    };
-    // Pass 1 (streams src and dy from DRAM): mean(g * xhat), and mean(g) for LN.
-    constexpr int kSums = kRms ? 1 : 2;
-    const std::array<S, kSums> sums = row_sums<kSums, S>(N, [&](int64_t j) {
-      const S gj = g(j);
-      if constexpr (kRms) {
-        return std::array<S, 1>{gj * xhat(j)};
-      } else {
-        return std::array<S, 2>{gj * xhat(j), gj};
-      }
-    });
-    const S mean_gx = sums[0] * inv_n;
-    const S mean_g = kRms ? S(0) : sums[kSums - 1] * inv_n;
-    // Pass 2: dx, and the row's dweight/dbias contributions.
-    const T* __restrict dh = kDh ? a.dh + i * N : nullptr;
-#pragma omp simd
-    for (int64_t j = 0; j < N; ++j) {
-      const S xh = xhat(j);
-      S v = g(j) - xh * mean_gx;
-      if constexpr (!kRms) v -= mean_g;
-      v *= rstd;
-      if constexpr (kDh) v += E::load(dh[j]);
-      dx[j] = E::store(v);
+    group_tiles<T>(rows, N, next, [&](int64_t r, int64_t j) {
+      const int64_t i = g0 + r;
+      const S xh = xhat(i, j);
+      S v = g(i, j) - xh * mean_gx[r];
+      if constexpr (!kRms) v -= mean_g[r];
+      v *= a.rstd[i];
+      if constexpr (kDh) v += E::load(a.dh[i * N + j]);
+      a.dx[i * N + j] = E::store(v);
       if constexpr (kAcc) {
-        const S d = E::load(dy[j]);
+        const S d = E::load(a.dy[i * N + j]);
         acc_w[j] += d * xh;
         if constexpr (!kRms) acc_b[j] += d;
       }
-    }
+    });
   }
 }
 

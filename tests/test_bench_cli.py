@@ -1,0 +1,40 @@
+"""The benchmark CLI end to end at tiny sizes (a smoke test: timings are not asserted)."""
+import json
+import subprocess
+import sys
+
+import fastgpt
+
+
+def _fastgpt(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fastgpt", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bench_quick_writes_checked_results(tmp_path):
+    proc = _fastgpt("bench", "--quick", "--no-compile", "--device", "cpu", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json"))
+    assert files == ["layernorm", "rmsnorm"]
+    for path in tmp_path.glob("*.json"):
+        result = json.loads(path.read_text())
+        assert result["device"]["kind"] == "cpu" and result["device"]["name"]
+        assert result["ceilings"]["copy_gbps"] > 0
+        native = [r for r in result["rows"] if r["contender"] == "fastgpt.native"]
+        assert {r["variant"] for r in native} == {"fwd", "fwd+residual", "bwd", "bwd+residual"}
+        for row in native:
+            assert row["status"] == "ok" and row["ms"] > 0 and row["bytes"] > 0, row
+        assert path.with_suffix(".md").exists()
+
+
+def test_bench_usage_errors():
+    assert _fastgpt("bench", "nosuchcase").returncode == 2
+    assert _fastgpt().returncode == 2
+
+
+def test_info_lists_backends():
+    proc = _fastgpt("info")
+    assert proc.returncode == 0, proc.stderr
+    assert f"fastgpt {fastgpt.__version__}" in proc.stdout
+    for name in ("torch", "triton", "native"):
+        assert name in proc.stdout
