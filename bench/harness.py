@@ -32,6 +32,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 import fastgpt
+from fastgpt.testing import as_tuple, compare
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -42,19 +43,6 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # of these make a run fail (CLI exit status 1):
 FAILED = ("mismatch", "error")
 
-# The check's floor per output dtype, times the float64 reference's RMS: the error allowed
-# even where eager's own error is near zero, about one ulp of a typical element. Relative
-# to the RMS because gradients such as dweight/dbias are sums over all rows, whose
-# magnitude grows with the row count. Eager is not always the accurate one: measured here
-# (torch 2.13 CPU, 8192x4096 bf16) eager LayerNorm's dweight/dbias are off by ~40 at
-# magnitude ~300 (bf16 accumulation), which is why the reference is float64 and eager's
-# error only sets the budget.
-CHECK_TOLERANCE = {
-    torch.float64: 1e-12,
-    torch.float32: 1e-5,
-    torch.bfloat16: 4e-3,
-    torch.float16: 5e-4,
-}
 
 
 # ----------------------------------------------------------------------------------------
@@ -117,7 +105,7 @@ class Workload:
         args = self.args
         if self.grad_outputs is None:
             return lambda: fn(*args)
-        outputs = _as_tuple(fn(*args))
+        outputs = as_tuple(fn(*args))
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
         grad_outputs = self.grad_outputs
         return lambda: torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True)
@@ -327,52 +315,9 @@ class Session:
 # ----------------------------------------------------------------------------------------
 
 
-def _as_tuple(out: Any) -> tuple:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
-
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def compare(out: Any, eager: Any, reference: Any) -> str | None:
-    """None if `out` passes the check, else a one-line description of the first failure.
-
-    `eager` is eager PyTorch's output at the same dtype and `reference` eager's output on
-    float64 inputs (each a tensor, None, or a tuple of them). Per output: same dtype and
-    shape as eager's, NaN exactly where the reference has NaN, and
-    max|out - reference| <= 2 * max|eager - reference| + CHECK_TOLERANCE[dtype] * RMS(reference).
-    """
-    outs, eagers, refs = _as_tuple(out), _as_tuple(eager), _as_tuple(reference)
-    if len(outs) != len(eagers):
-        return f"returned {len(outs)} outputs, eager {len(eagers)}"
-    for i, (a, e, r) in enumerate(zip(outs, eagers, refs)):
-        if a is None or e is None:
-            if a is not e:
-                return f"output {i}: {type(a).__name__}, eager {type(e).__name__}"
-            continue
-        if a.dtype != e.dtype or a.shape != e.shape:
-            return f"output {i}: {a.dtype} {tuple(a.shape)}, eager {e.dtype} {tuple(e.shape)}"
-        r = r.detach().double()
-        nan = torch.isnan(r)
-        if not torch.equal(torch.isnan(a.detach()), nan):
-            return f"output {i}: NaN where the float64 reference has none, or the reverse"
-        finite = ~nan
-
-        def max_error(t: torch.Tensor) -> float:
-            diff = (t.detach().double() - r)[finite].abs()
-            return diff.max().item() if diff.numel() else 0.0
-
-        rms = r[finite].square().mean().sqrt().item() if finite.any() else 0.0
-        floor = CHECK_TOLERANCE.get(e.dtype, CHECK_TOLERANCE[torch.float32]) * rms
-        error, eager_error = max_error(a), max_error(e)
-        if not error <= 2 * eager_error + floor:  # `not <=`: a NaN error fails too
-            return (
-                f"output {i}: max error {error:.3g} vs the float64 reference; allowed "
-                f"{2 * eager_error + floor:.3g} (2 x eager's {eager_error:.3g} + floor {floor:.3g})"
-            )
-    return None
 
 
 def shape_label(shape: Sequence[int]) -> str:
@@ -645,7 +590,6 @@ def write_results(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
 
 
 __all__ = [
-    "CHECK_TOLERANCE",
     "DTYPES",
     "DTYPE_NAMES",
     "FAILED",

@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from . import CASES  # noqa: E402  (after the skip: the suite needs the plugin)
-from .harness import compare  # noqa: E402
+from fastgpt.testing import compare  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL = os.environ.get("FASTGPT_BENCH_FULL", "0") == "1"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt.layernorm import _resolve
-from helpers import ATOL, BACKEND_DEVICES, HAS_CUDA, assert_close_rule
+from helpers import BACKEND_DEVICES, HAS_CUDA, assert_close_rule
 
 OPS = ["layer_norm", "rms_norm"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

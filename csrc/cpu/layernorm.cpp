@@ -122,18 +122,20 @@ FASTGPT_INLINE void prefetch_rows(const std::array<const T*, K>& rows, int64_t b
   }
 }
 
-// Output pass over a group: body(r, j) for rows r < rows and columns j < n, tile by tile
-// (see above), the inner column loop vectorised. next(r) gives row r's inputs in the next
-// group (nulls where there is no such row), prefetched tile by tile.
-template <class T, class Next, class Body>
-FASTGPT_INLINE void group_tiles(int64_t rows, int64_t n, const Next& next, const Body& body) {
+// Output pass over a group, tile by tile (see above): for rows r < rows, row_op(r) returns
+// the elementwise operation of row r, run on columns j < n by a vectorised loop. next(r)
+// gives row r's inputs in the next group (nulls where there is no such row), prefetched
+// tile by tile.
+template <class T, class Next, class RowOp>
+FASTGPT_INLINE void group_tiles(int64_t rows, int64_t n, const Next& next, const RowOp& row_op) {
   constexpr int64_t kTile = kTileBytes / sizeof(T);
   for (int64_t c = 0; c < n; c += kTile) {
     const int64_t c_end = std::min(n, c + kTile);
     for (int64_t r = 0; r < rows; ++r) {
       prefetch_rows(next(r), c, c_end);
+      const auto op = row_op(r);
 #pragma omp simd
-      for (int64_t j = c; j < c_end; ++j) body(r, j);
+      for (int64_t j = c; j < c_end; ++j) op(j);
     }
   }
 }
@@ -290,14 +292,18 @@ FASTGPT_SIMD_CLONES void fwd_rows(const FwdArgs<T>& a, int64_t row_begin, int64_
       return std::array<const T*, 2>{more ? a.x + i * a.x_stride : nullptr,
                                      kRes && more ? a.res + i * a.res_stride : nullptr};
     };
-    group_tiles<T>(rows, N, next, [&](int64_t r, int64_t j) {
+    group_tiles<T>(rows, N, next, [&](int64_t r) {
       const int64_t i = g0 + r;
-      S v = E::load(kRes ? a.h[i * N + j] : a.x[i * a.x_stride + j]);
-      if constexpr (!kRms) v -= mean[r];
-      v *= rstd[r];
-      if constexpr (kW) v *= E::load(w[j]);
-      if constexpr (kB) v += E::load(b[j]);
-      a.y[i * N + j] = E::store(v);
+      const T* src = kRes ? a.h + i * N : a.x + i * a.x_stride;
+      T* y = a.y + i * N;
+      return [=](int64_t j) {
+        S v = E::load(src[j]);
+        if constexpr (!kRms) v -= mean[r];
+        v *= rstd[r];
+        if constexpr (kW) v *= E::load(w[j]);
+        if constexpr (kB) v += E::load(b[j]);
+        y[j] = E::store(v);
+      };
     });
   }
 }
@@ -330,14 +336,22 @@ FASTGPT_SIMD_CLONES void bwd_rows(const BwdArgs<T>& a, int64_t row_begin, int64_
   const int64_t group = group_rows<T>(N);
   const S inv_n = S(1) / S(N);
   const T* __restrict w = a.w;
-  // xhat and g = dy * w of element j of row i.
-  const auto xhat = [&](int64_t i, int64_t j) {
-    S v = E::load(a.src[i * a.src_stride + j]);
-    if constexpr (!kRms) v -= a.mean[i];
-    return v * a.rstd[i];
+  // Row i's operands, and its xhat and g = dy * w at column j.
+  struct Row {
+    const T* src;
+    const T* dy;
+    S mean, rstd;
   };
-  const auto g = [&](int64_t i, int64_t j) {
-    const S d = E::load(a.dy[i * N + j]);
+  const auto row = [&](int64_t i) {
+    return Row{a.src + i * a.src_stride, a.dy + i * N, kRms ? S(0) : a.mean[i], a.rstd[i]};
+  };
+  const auto xhat = [](const Row& row, int64_t j) {
+    S v = E::load(row.src[j]);
+    if constexpr (!kRms) v -= row.mean;
+    return v * row.rstd;
+  };
+  const auto g = [w](const Row& row, int64_t j) {
+    const S d = E::load(row.dy[j]);
     return kW ? d * E::load(w[j]) : d;
   };
   for (int64_t g0 = row_begin; g0 < row_end; g0 += group) {
@@ -345,14 +359,14 @@ FASTGPT_SIMD_CLONES void bwd_rows(const BwdArgs<T>& a, int64_t row_begin, int64_
     // Pass 1: mean(g * xhat), and mean(g) for LN, per row.
     S mean_gx[kMaxGroup], mean_g[kMaxGroup];
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = g0 + r;
+      const Row ri = row(g0 + r);
       constexpr int kSums = kRms ? 1 : 2;
       const std::array<S, kSums> sums = row_sums<kSums, S>(N, [&](int64_t j) {
-        const S gj = g(i, j);
+        const S gj = g(ri, j);
         if constexpr (kRms) {
-          return std::array<S, 1>{gj * xhat(i, j)};
+          return std::array<S, 1>{gj * xhat(ri, j)};
         } else {
-          return std::array<S, 2>{gj * xhat(i, j), gj};
+          return std::array<S, 2>{gj * xhat(ri, j), gj};
         }
       });
       mean_gx[r] = sums[0] * inv_n;
@@ -366,19 +380,25 @@ FASTGPT_SIMD_CLONES void bwd_rows(const BwdArgs<T>& a, int64_t row_begin, int64_
                                      more ? a.dy + i * N : nullptr,
                                      kDh && more ? a.dh + i * N : nullptr};
     };
-    group_tiles<T>(rows, N, next, [&](int64_t r, int64_t j) {
+    group_tiles<T>(rows, N, next, [&](int64_t r) {
       const int64_t i = g0 + r;
-      const S xh = xhat(i, j);
-      S v = g(i, j) - xh * mean_gx[r];
-      if constexpr (!kRms) v -= mean_g[r];
-      v *= a.rstd[i];
-      if constexpr (kDh) v += E::load(a.dh[i * N + j]);
-      a.dx[i * N + j] = E::store(v);
-      if constexpr (kAcc) {
-        const S d = E::load(a.dy[i * N + j]);
-        acc_w[j] += d * xh;
-        if constexpr (!kRms) acc_b[j] += d;
-      }
+      const Row ri = row(i);
+      const S m_gx = mean_gx[r], m_g = mean_g[r];
+      const T* dh = kDh ? a.dh + i * N : nullptr;
+      T* dx = a.dx + i * N;
+      return [=](int64_t j) {
+        const S xh = xhat(ri, j);
+        S v = g(ri, j) - xh * m_gx;
+        if constexpr (!kRms) v -= m_g;
+        v *= ri.rstd;
+        if constexpr (kDh) v += E::load(dh[j]);
+        dx[j] = E::store(v);
+        if constexpr (kAcc) {
+          const S d = E::load(ri.dy[j]);
+          acc_w[j] += d * xh;
+          if constexpr (!kRms) acc_b[j] += d;
+        }
+      };
     });
   }
 }
