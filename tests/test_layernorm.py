@@ -34,7 +34,7 @@ def _unsupported(backend, device, dtype):
     return backend == "native" and device == "cpu" and dtype == torch.float16
 
 
-def make_inputs(op, shape, affine, dtype, device, residual, seed=0):
+def make_inputs(op, shape, affine, dtype, device, residual, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
     n = shape[-1]
 
@@ -45,7 +45,7 @@ def make_inputs(op, shape, affine, dtype, device, residual, seed=0):
     w = rnd(n, scale=0.2, shift=1.0) if affine in ("wb", "w") else None
     b = rnd(n, scale=0.5) if affine == "wb" and op == "layer_norm" else None
     r = rnd(*shape) if residual else None
-    return x, w, b, r
+    return tuple(t.requires_grad_(requires_grad) if t is not None else None for t in (x, w, b, r))
 
 
 def fastgpt_fn(op, backend):
@@ -158,8 +158,9 @@ FP64_BACKENDS = [p for p in BACKEND_DEVICES if p.id in ("torch-cpu", "auto-cpu",
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("op", OPS)
 def test_gradcheck_fp64(op, residual, backend, device):
-    x, w, b, r = make_inputs(op, (3, 7), "wb", torch.float64, device, residual, seed=5)
-    leaves = [t.requires_grad_() for t in (x, w, b, r) if t is not None]
+    x, w, b, r = make_inputs(op, (3, 7), "wb", torch.float64, device, residual, seed=5,
+                             requires_grad=True)
+    leaves = [t for t in (x, w, b, r) if t is not None]
     fn = fastgpt_fn(op, backend)
 
     def f(*args):
@@ -173,10 +174,7 @@ def test_gradcheck_fp64(op, residual, backend, device):
                                             and p.id != "torch-cuda"])
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op, backend, device):
-    x, w, b, r = make_inputs(op, (3, 5, 33), "wb", torch.float32, device, True)
-    for t in (x, w, b, r):
-        if t is not None:
-            t.requires_grad_()
+    x, w, b, r = make_inputs(op, (3, 5, 33), "wb", torch.float32, device, True, requires_grad=True)
     if op == "layer_norm":
         torch.library.opcheck(torch.ops.fastgpt.layer_norm, (x, w, b, r, 1e-5, backend))
         torch.library.opcheck(torch.ops.fastgpt.layer_norm, (x, None, None, None, 1e-5, backend))
@@ -246,10 +244,7 @@ def test_nan_propagates(op, backend, device):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("op", OPS)
 def test_empty_rows(op, backend, device):
-    x, w, b, r = make_inputs(op, (0, 3, 16), "wb", torch.float32, device, True)
-    for t in (x, w, b, r):
-        if t is not None:
-            t.requires_grad_()
+    x, w, b, r = make_inputs(op, (0, 3, 16), "wb", torch.float32, device, True, requires_grad=True)
     y, h = fastgpt_fn(op, backend)(x, w, b, r)
     assert y.shape == h.shape == x.shape
     (y.sum() + h.sum()).backward()
