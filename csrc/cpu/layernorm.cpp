@@ -1,26 +1,25 @@
 // CPU LayerNorm / RMSNorm, forward and backward (see layernorm.h for the contract).
 //
-// Shape of the work: every row is independent, so rows are split across threads with
-// at::parallel_for. Within a row the kernel streams the row from memory once and then makes
-// its remaining passes while the row is still in L1/L2 (a 64K-element fp32 row is 256 KiB),
-// so DRAM traffic is the minimum: forward reads x (+ residual) and writes y (+ h); backward
-// reads src, dy (+ dh) and writes dx.
+// Shape of the work: rows are independent, so they are split across threads with
+// at::parallel_for. A row is read from memory once; its remaining passes run while it is
+// still in L1/L2 (a 64K-element fp32 row is 256 KiB) and prefetch the next row meanwhile
+// (see Ahead). DRAM traffic is thus the minimum: forward reads x (+ residual) and writes
+// y (+ h); backward reads src and dy (+ dh) and writes dx.
 //
 // SIMD without -march=native: the hot row loops are plain C++ loops under `#pragma omp simd`
-// (the build passes -fopenmp-simd, which makes the pragma legal to vectorise reductions
-// without -ffast-math), compiled three times by GCC/Clang function multiversioning
-// (`target_clones`): x86-64-v4 (AVX-512 F/BW/DQ/VL), x86-64-v3 (AVX2 + FMA) and the baseline.
-// The loader's ifunc resolver picks the clone once per process from CPUID, so one binary runs
-// on any x86-64 machine at the best width it has. We chose this over ATen's at::vec +
-// DispatchStub because at::vec's per-ISA code is only compiled inside torch's own build
-// (an extension would have to replicate its CPU_CAPABILITY machinery to get it), whereas the
-// compiler already vectorises these loops well, bf16 conversion included, once it may.
-// On other architectures (or compilers without ifunc support) the attribute is dropped and
-// the same loops are compiled for the baseline ISA.
+// (-fopenmp-simd, implied by -fopenmp, lets the compiler vectorise the reductions without
+// -ffast-math), compiled three times by GCC/Clang function multiversioning (`target_clones`):
+// x86-64-v4 (AVX-512 F/BW/DQ/VL), x86-64-v3 (AVX2 + FMA) and the baseline. The loader's
+// ifunc resolver picks a clone once per process from CPUID, so one binary runs on any x86-64
+// machine at the best width it has. We chose this over ATen's at::vec + DispatchStub because
+// at::vec's per-ISA code is only compiled inside torch's own build (an extension would have
+// to replicate its CPU_CAPABILITY machinery), whereas the compiler vectorises these loops
+// well, bf16 conversion included, once allowed to. Elsewhere (other architectures, no
+// ifunc) the attribute is dropped and the same loops are built for the baseline ISA.
 //
 // Numerics: statistics are in the stats type S (float for fp32/bf16, double for fp64).
-// LayerNorm uses the two-pass variance, sum((x - mean)^2) / N, over the cache-hot row rather
-// than E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std. Row sums are
+// LayerNorm's variance is the corrected two-pass one over the cache-hot row (see fwd_rows),
+// not E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std. Row sums are
 // blocked (see row_sums) so float rounding error does not grow with N.
 #include "layernorm.h"
 
@@ -33,7 +32,6 @@
 #include <memory>
 #include <new>
 #include <type_traits>
-#include <vector>
 
 // ATen's parallel_for is a header template that only runs in parallel when this translation
 // unit itself is compiled with the backend's flags (-fopenmp for torch's OpenMP build);
@@ -46,9 +44,17 @@
 // out-of-line helper is compiled once, for the baseline ISA, whichever clone calls it.
 #define FASTGPT_INLINE inline __attribute__((always_inline))
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+// Clones can name the x86-64-v3/v4 levels from GCC 12 on. Older GCC (e.g. 11, seen to build
+// and pass here) and Clang dispatch on single features instead: AVX512F alone lacks the BW
+// word instructions the bf16 conversions use (bf16 measured up to 2x slower; fp32 the same)
+// and AVX2 alone lacks FMA.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#if !defined(__clang__) && __GNUC__ >= 12
 #define FASTGPT_SIMD_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTGPT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 #else
 #define FASTGPT_SIMD_CLONES
 #endif
@@ -90,96 +96,119 @@ struct Elem<bf16_bits> {
 };
 
 // ---------------------------------------------------------------------------------------
-// Row groups and tiles. Rows are processed in groups of up to kMaxGroup rows (about
-// kGroupBytes of input per group, so a group stays in L2 between its passes):
-//  * the statistics passes run row by row;
-//  * the output pass runs tile by tile, a tile being kTileBytes of one row: for each column
-//    range, every row of the group in turn. The weight (and bias, and dweight/dbias partial
-//    sums) of that column range is then reused from L1 by all rows of the group, instead of
-//    being streamed through L1 once per row next to the row itself;
-//  * each tile of the output pass also prefetches the same tile of the next group's input
-//    rows. A row's passes otherwise take turns on the memory system (reading, then
-//    computing from cache, then writing), and the hardware prefetcher only runs ahead of
-//    demand misses, which the in-cache passes make none of; this way the next group's reads
-//    overlap this group's compute and writes, and its statistics passes find it in cache.
-constexpr int64_t kGroupBytes = int64_t(64) << 10;
-constexpr int64_t kMaxGroup = 16;
-constexpr int64_t kTileBytes = 1024;
-
+// Software prefetch of the next row. A row's passes take turns on the memory system: pass 1
+// streams the row in from DRAM, then the output pass computes from cache and only writes,
+// and the hardware prefetcher runs ahead of demand misses only, so on its own the read side
+// of DRAM would idle while a row's output is computed. The output pass therefore touches the
+// next row's input lines as it goes (measured here: about 10% faster forward and backward
+// at 4096 columns; also touching the output's lines during pass 1, or prefetching groups of
+// rows tile by tile, measured slower).
 template <class T>
-int64_t group_rows(int64_t N) {
-  return std::clamp<int64_t>(kGroupBytes / (N * int64_t(sizeof(T))), 1, kMaxGroup);
-}
-
-// Touches the cache lines holding elements [begin, end) of each non-null row.
-template <class T, size_t K>
-FASTGPT_INLINE void prefetch_rows(const std::array<const T*, K>& rows, int64_t begin,
-                                  int64_t end) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (const T* row : rows) {
-    if (row == nullptr) continue;
-    for (int64_t j = begin; j < end; j += kLine) __builtin_prefetch(row + j);
-  }
-}
-
-// Output pass over a group, tile by tile (see above): for rows r < rows, row_op(r) returns
-// the elementwise operation of row r, run on columns j < n by a vectorised loop. next(r)
-// gives row r's inputs in the next group (nulls where there is no such row), prefetched
-// tile by tile.
-template <class T, class Next, class RowOp>
-FASTGPT_INLINE void group_tiles(int64_t rows, int64_t n, const Next& next, const RowOp& row_op) {
-  constexpr int64_t kTile = kTileBytes / sizeof(T);
-  for (int64_t c = 0; c < n; c += kTile) {
-    const int64_t c_end = std::min(n, c + kTile);
-    for (int64_t r = 0; r < rows; ++r) {
-      prefetch_rows(next(r), c, c_end);
-      const auto op = row_op(r);
-#pragma omp simd
-      for (int64_t j = c; j < c_end; ++j) op(j);
+struct Ahead {
+  const T* row0 = nullptr;  // rows to prefetch, indexed like the row being processed;
+  const T* row1 = nullptr;  // null for none
+  // Touches the lines holding elements [begin, end) of each row.
+  FASTGPT_INLINE void operator()(int64_t begin, int64_t end) const {
+    constexpr int64_t kLine = 64 / sizeof(T);
+    for (int64_t j = begin; j < end; j += kLine) {
+      if (row0) __builtin_prefetch(row0 + j);
+      if (row1) __builtin_prefetch(row1 + j);
     }
+  }
+};
+
+// Elementwise row loop: body(j) for j < n, vectorised in chunks of 256 bytes of T, touching
+// `ahead` for each chunk.
+template <class T, class Body>
+FASTGPT_INLINE void row_for(int64_t n, const Ahead<T>& ahead, const Body& body) {
+  constexpr int64_t kChunk = 256 / sizeof(T);
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t c_end = std::min(n, c + kChunk);
+    ahead(c, c_end);
+#pragma omp simd
+    for (int64_t j = c; j < c_end; ++j) body(j);
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// Row reduction: K sums over j < n of term(j) (a std::array<S, K>), in S.
+// Row reductions.
 //  * Speed: a single `omp simd reduction` accumulator is one vector register, so the loop runs
 //    at one add per FP-add latency. Instead each sum gets kLanes independent accumulators
 //    (256 bytes: 4 AVX-512 / 8 AVX2 registers) that the compiler keeps in registers, enough
 //    chains to keep the adders busy while the row is read from cache.
-//  * Accuracy: the lane partials are folded into a double every kSumBlock elements, so each
-//    float partial adds at most kSumBlock / kLanes terms and the error does not grow with N
-//    (a plain float lane sum over a 64K row would lose about three more digits).
+//  * Accuracy: rows are reduced in blocks of at most kSumBlock elements whose results are
+//    combined in double, so a float lane partial adds at most kSumBlock / kLanes terms and
+//    the error does not grow with N (plain float lane sums over a 64K row would lose about
+//    three more digits).
 constexpr int64_t kSumBlock = 1024;
 
+// K sums over j in [begin, end) (at most kSumBlock elements) of term(j), a std::array<S, K>.
 template <int K, class S, class Term>
-FASTGPT_INLINE std::array<S, K> row_sums(int64_t n, const Term& term) {
+FASTGPT_INLINE std::array<S, K> block_sums(int64_t begin, int64_t end, const Term& term) {
   constexpr int64_t kLanes = 256 / sizeof(S);
   static_assert(kSumBlock % kLanes == 0, "blocks hold whole lane groups");
+  S acc[K][kLanes] = {};
+  const auto add = [&](int64_t j, int64_t lane) {
+    const std::array<S, K> t = term(j);
+    for (int k = 0; k < K; ++k) acc[k][lane] += t[k];
+  };
+  int64_t j0 = begin;
+  for (; j0 + kLanes <= end; j0 += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) add(j0 + l, l);
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < end - j0; ++l) add(j0 + l, l);
+  std::array<S, K> out;
+  for (int k = 0; k < K; ++k) {
+    S s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t l = 0; l < kLanes; ++l) s += acc[k][l];
+    out[k] = s;
+  }
+  return out;
+}
+
+// K sums over the row j < n of term(j), in S.
+template <int K, class S, class Term>
+FASTGPT_INLINE std::array<S, K> row_sums(int64_t n, const Term& term) {
   std::array<double, K> total{};
   for (int64_t blk = 0; blk < n; blk += kSumBlock) {
-    const int64_t blk_end = std::min(n, blk + kSumBlock);
-    S acc[K][kLanes] = {};
-    const auto add = [&](int64_t j, int64_t lane) {
-      const std::array<S, K> t = term(j);
-      for (int k = 0; k < K; ++k) acc[k][lane] += t[k];
-    };
-    int64_t j0 = blk;
-    for (; j0 + kLanes <= blk_end; j0 += kLanes) {
-#pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) add(j0 + l, l);
-    }
-#pragma omp simd
-    for (int64_t l = 0; l < blk_end - j0; ++l) add(j0 + l, l);
-    for (int k = 0; k < K; ++k) {
-      S s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t l = 0; l < kLanes; ++l) s += acc[k][l];
-      total[k] += s;
-    }
+    const std::array<S, K> part = block_sums<K, S>(blk, std::min(n, blk + kSumBlock), term);
+    for (int k = 0; k < K; ++k) total[k] += part[k];
   }
   std::array<S, K> out;
   for (int k = 0; k < K; ++k) out[k] = S(total[k]);
   return out;
+}
+
+// Mean and variance of a row from one read of it: first(j) yields element j (computing and
+// storing it if need be), again(j) reads it back. Each block is reduced two-pass while it
+// sits in L1: its sum, then the sums of d and d^2 with d = v - block mean, which give the
+// block's M2 = sum((v - mean)^2) without cancellation (the sum of d corrects the block mean's
+// rounding). Blocks are merged in double with Chan, Golub & LeVeque's pairwise update.
+// Naive E[v^2] - E[v]^2 would cancel catastrophically when |mean| >> std.
+template <class S, class First, class Again>
+FASTGPT_INLINE std::array<S, 2> row_mean_var(int64_t n, const First& first, const Again& again) {
+  double mean = 0, m2 = 0;
+  for (int64_t blk = 0; blk < n; blk += kSumBlock) {
+    const int64_t blk_end = std::min(n, blk + kSumBlock);
+    const double nb = double(blk_end - blk);
+    const S mean0 = block_sums<1, S>(blk, blk_end, [&](int64_t j) {
+      return std::array<S, 1>{first(j)};
+    })[0] / S(nb);
+    const std::array<S, 2> dev = block_sums<2, S>(blk, blk_end, [&](int64_t j) {
+      const S d = again(j) - mean0;
+      return std::array<S, 2>{d, d * d};
+    });
+    const double blk_mean = double(mean0) + double(dev[0]) / nb;
+    const double blk_m2 = std::max(double(dev[1]) - double(dev[0]) * dev[0] / nb, 0.0);
+    const double seen = double(blk), total = seen + nb;
+    const double delta = blk_mean - mean;
+    mean += delta * (nb / total);
+    m2 += blk_m2 + delta * delta * (seen * nb / total);
+  }
+  return {S(mean), S(m2 / double(n))};
 }
 
 // Calls f(std::true_type) or f(std::false_type): turns a runtime flag (null pointer or not,
@@ -233,77 +262,52 @@ FASTGPT_SIMD_CLONES void fwd_rows(const FwdArgs<T>& a, int64_t row_begin, int64_
   using E = Elem<T>;
   using S = typename E::S;
   const int64_t N = a.N;
-  const int64_t group = group_rows<T>(N);
   const T* __restrict w = a.w;
   const T* __restrict b = a.b;
-  for (int64_t g0 = row_begin; g0 < row_end; g0 += group) {
-    const int64_t rows = std::min(group, row_end - g0);
-    S mean[kMaxGroup], rstd[kMaxGroup];
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = g0 + r;
-      const T* __restrict x = a.x + i * a.x_stride;
-      // Pass 1: form the row to normalise and sum it (LN) or its squares (RMS). With a
-      // residual, h is rounded to T before it is summed, so the statistics and y describe
-      // exactly the h we return.
-      const T* __restrict src = x;
-      S sum;
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* __restrict x = a.x + i * a.x_stride;
+    const T* __restrict r = kRes ? a.res + i * a.res_stride : nullptr;
+    T* __restrict h = kRes ? a.h + i * N : nullptr;
+    T* __restrict y = a.y + i * N;
+    const bool more = i + 1 < row_end;
+    // Pass 1 (reads DRAM): form the row to normalise and reduce it to its statistics. With a
+    // residual, h is rounded to T before it is reduced, so the statistics and y describe
+    // exactly the h we return.
+    const auto first = [&](int64_t j) {
       if constexpr (kRes) {
-        const T* __restrict res = a.res + i * a.res_stride;
-        T* __restrict h = a.h + i * N;
-        sum = row_sums<1, S>(N, [&](int64_t j) {
-          const T hj = E::store(E::load(x[j]) + E::load(res[j]));
-          h[j] = hj;
-          const S v = E::load(hj);
-          return std::array<S, 1>{kRms ? v * v : v};
-        })[0];
-        src = h;
+        const T hj = E::store(E::load(x[j]) + E::load(r[j]));
+        h[j] = hj;
+        return E::load(hj);
       } else {
-        sum = row_sums<1, S>(N, [&](int64_t j) {
-          const S v = E::load(x[j]);
-          return std::array<S, 1>{kRms ? v * v : v};
-        })[0];
+        return E::load(x[j]);
       }
-      // Pass 2 (LN only): corrected two-pass variance. With d = v - mean, var = mean(d^2) -
-      // mean(d)^2, and mean + mean(d) is the mean with pass 1's rounding error removed
-      // (mean(d) is tiny, so neither step cancels). std::max keeps a NaN variance NaN.
-      S var;
-      if constexpr (kRms) {
-        mean[r] = 0;
-        var = sum / S(N);
-      } else {
-        const S mean0 = sum / S(N);
-        const std::array<S, 2> dev = row_sums<2, S>(N, [&](int64_t j) {
-          const S d = E::load(src[j]) - mean0;
-          return std::array<S, 2>{d, d * d};
-        });
-        const S shift = dev[0] / S(N);
-        mean[r] = mean0 + shift;
-        var = std::max(dev[1] / S(N) - shift * shift, S(0));
-        a.mean[i] = mean[r];
-      }
-      rstd[r] = S(1) / std::sqrt(var + a.eps);
-      a.rstd[i] = rstd[r];
-    }
-    // Pass 3: y = xhat * w + b, reading the group's rows back from cache (h when a residual
-    // was given, else x).
-    const auto next = [&](int64_t r) {
-      const int64_t i = g0 + group + r;
-      const bool more = i < row_end;
-      return std::array<const T*, 2>{more ? a.x + i * a.x_stride : nullptr,
-                                     kRes && more ? a.res + i * a.res_stride : nullptr};
     };
-    group_tiles<T>(rows, N, next, [&](int64_t r) {
-      const int64_t i = g0 + r;
-      const T* src = kRes ? a.h + i * N : a.x + i * a.x_stride;
-      T* y = a.y + i * N;
-      return [=](int64_t j) {
-        S v = E::load(src[j]);
-        if constexpr (!kRms) v -= mean[r];
-        v *= rstd[r];
-        if constexpr (kW) v *= E::load(w[j]);
-        if constexpr (kB) v += E::load(b[j]);
-        y[j] = E::store(v);
-      };
+    const T* __restrict src = kRes ? h : x;
+    S mean = 0, var;
+    if constexpr (kRms) {
+      var = row_sums<1, S>(N, [&](int64_t j) {
+              const S v = first(j);
+              return std::array<S, 1>{v * v};
+            })[0] / S(N);
+    } else {
+      const std::array<S, 2> mv =
+          row_mean_var<S>(N, first, [&](int64_t j) { return E::load(src[j]); });
+      mean = mv[0];
+      var = mv[1];
+      a.mean[i] = mean;
+    }
+    const S rstd = S(1) / std::sqrt(var + a.eps);
+    a.rstd[i] = rstd;
+    // Pass 2, from cache while the next row is fetched: y = xhat * w + b.
+    const Ahead<T> next_row{more ? x + a.x_stride : nullptr,
+                            kRes && more ? r + a.res_stride : nullptr};
+    row_for<T>(N, next_row, [&](int64_t j) {
+      S v = E::load(src[j]);
+      if constexpr (!kRms) v -= mean;
+      v *= rstd;
+      if constexpr (kW) v *= E::load(w[j]);
+      if constexpr (kB) v += E::load(b[j]);
+      y[j] = E::store(v);
     });
   }
 }
@@ -333,72 +337,52 @@ FASTGPT_SIMD_CLONES void bwd_rows(const BwdArgs<T>& a, int64_t row_begin, int64_
   using E = Elem<T>;
   using S = typename E::S;
   const int64_t N = a.N;
-  const int64_t group = group_rows<T>(N);
   const S inv_n = S(1) / S(N);
   const T* __restrict w = a.w;
-  // Row i's operands, and its xhat and g = dy * w at column j.
-  struct Row {
-    const T* src;
-    const T* dy;
-    S mean, rstd;
-  };
-  const auto row = [&](int64_t i) {
-    return Row{a.src + i * a.src_stride, a.dy + i * N, kRms ? S(0) : a.mean[i], a.rstd[i]};
-  };
-  const auto xhat = [](const Row& row, int64_t j) {
-    S v = E::load(row.src[j]);
-    if constexpr (!kRms) v -= row.mean;
-    return v * row.rstd;
-  };
-  const auto g = [w](const Row& row, int64_t j) {
-    const S d = E::load(row.dy[j]);
-    return kW ? d * E::load(w[j]) : d;
-  };
-  for (int64_t g0 = row_begin; g0 < row_end; g0 += group) {
-    const int64_t rows = std::min(group, row_end - g0);
-    // Pass 1: mean(g * xhat), and mean(g) for LN, per row.
-    S mean_gx[kMaxGroup], mean_g[kMaxGroup];
-    for (int64_t r = 0; r < rows; ++r) {
-      const Row ri = row(g0 + r);
-      constexpr int kSums = kRms ? 1 : 2;
-      const std::array<S, kSums> sums = row_sums<kSums, S>(N, [&](int64_t j) {
-        const S gj = g(ri, j);
-        if constexpr (kRms) {
-          return std::array<S, 1>{gj * xhat(ri, j)};
-        } else {
-          return std::array<S, 2>{gj * xhat(ri, j), gj};
-        }
-      });
-      mean_gx[r] = sums[0] * inv_n;
-      mean_g[r] = kRms ? S(0) : sums[kSums - 1] * inv_n;
-    }
-    // Pass 2: dx, and the group's dweight/dbias contributions.
-    const auto next = [&](int64_t r) {
-      const int64_t i = g0 + group + r;
-      const bool more = i < row_end;
-      return std::array<const T*, 3>{more ? a.src + i * a.src_stride : nullptr,
-                                     more ? a.dy + i * N : nullptr,
-                                     kDh && more ? a.dh + i * N : nullptr};
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* __restrict src = a.src + i * a.src_stride;
+    const T* __restrict dy = a.dy + i * N;
+    T* __restrict dx = a.dx + i * N;
+    const S mean = kRms ? S(0) : a.mean[i];
+    const S rstd = a.rstd[i];
+    const auto xhat = [&](int64_t j) {
+      S v = E::load(src[j]);
+      if constexpr (!kRms) v -= mean;
+      return v * rstd;
     };
-    group_tiles<T>(rows, N, next, [&](int64_t r) {
-      const int64_t i = g0 + r;
-      const Row ri = row(i);
-      const S m_gx = mean_gx[r], m_g = mean_g[r];
-      const T* dh = kDh ? a.dh + i * N : nullptr;
-      T* dx = a.dx + i * N;
-      return [=](int64_t j) {
-        const S xh = xhat(ri, j);
-        S v = g(ri, j) - xh * m_gx;
-        if constexpr (!kRms) v -= m_g;
-        v *= ri.rstd;
-        if constexpr (kDh) v += E::load(dh[j]);
-        dx[j] = E::store(v);
-        if constexpr (kAcc) {
-          const S d = E::load(ri.dy[j]);
-          acc_w[j] += d * xh;
-          if constexpr (!kRms) acc_b[j] += d;
-        }
-      };
+    const auto g = [&](int64_t j) {
+      const S d = E::load(dy[j]);
+      return kW ? d * E::load(w[j]) : d;
+    };
+    // Pass 1 (reads src and dy from DRAM): mean(g * xhat), and mean(g) for LN.
+    constexpr int kSums = kRms ? 1 : 2;
+    const std::array<S, kSums> sums = row_sums<kSums, S>(N, [&](int64_t j) {
+      const S gj = g(j);
+      if constexpr (kRms) {
+        return std::array<S, 1>{gj * xhat(j)};
+      } else {
+        return std::array<S, 2>{gj * xhat(j), gj};
+      }
+    });
+    const S mean_gx = sums[0] * inv_n;
+    const S mean_g = kRms ? S(0) : sums[kSums - 1] * inv_n;
+    // Pass 2, from cache while the next row is fetched: dx, and the row's dweight/dbias
+    // contributions.
+    const T* __restrict dh = kDh ? a.dh + i * N : nullptr;
+    const bool more = i + 1 < row_end;
+    const Ahead<T> next_row{more ? src + a.src_stride : nullptr, more ? dy + N : nullptr};
+    row_for<T>(N, next_row, [&](int64_t j) {
+      const S xh = xhat(j);
+      S v = g(j) - xh * mean_gx;
+      if constexpr (!kRms) v -= mean_g;
+      v *= rstd;
+      if constexpr (kDh) v += E::load(dh[j]);
+      dx[j] = E::store(v);
+      if constexpr (kAcc) {
+        const S d = E::load(dy[j]);
+        acc_w[j] += d * xh;
+        if constexpr (!kRms) acc_b[j] += d;
+      }
     });
   }
 }
