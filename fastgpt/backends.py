@@ -141,12 +141,12 @@ def default_backend() -> Optional[str]:
     return _default_stack[-1]
 
 
-# Automatic choice: per device kind, the backends to try in order. Each op's `supports`
-# check then skips a backend that cannot serve the input (dtype, hidden size).
+# Automatic choice: per device kind, the backends to try in order; `choose` skips one that
+# cannot serve the input (the op's `why_not`: dtype, hidden size).
 # CPU: native first. Measured on the 2-core CI machine at 8192x4096 (bench/results/
 # *-cpu-20261121-234732): 2.3x to 27x eager PyTorch, forward and backward, fp32 and bf16, in
-# a default process; with a warm heap (*-234239) eager's fp32 LayerNorm forward is ~10%
-# faster, every other case stays faster on native. Triton on CPU is the interpreter: never.
+# a default process; with a warm heap (*-234239) eager's fp32 LayerNorm forwards (plain and
+# fused residual) are 8-13% faster, every other case stays faster on native. Triton on CPU is the interpreter: never.
 # CUDA: native, then triton, by design rather than measurement so far (no GPU results yet);
 # revisit with bench/gpu_check.sh results.
 _PREFERENCE = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
