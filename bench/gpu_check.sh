@@ -4,6 +4,8 @@
 # and always to bench/results/; the full log is $OUT/gpu_check.log (or bench/results/).
 #
 #   bash bench/gpu_check.sh            # on a machine with a CUDA GPU, torch and triton
+#   BENCH_ARGS="--no-compile" bash bench/gpu_check.sh   # extra `fastgpt bench` arguments
+#                                      # (skipping torch.compile saves minutes of compiling)
 #
 # Uses the python that has torch (PYTHON=... to choose); downloads nothing.
 set -uo pipefail
@@ -38,7 +40,8 @@ step "tests"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "benchmarks"
-"$PY" -m fastgpt bench --device cuda --out "$DEST" 2>&1 | tee -a "$LOG" >/dev/null
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+"$PY" -m fastgpt bench --device cuda --out "$DEST" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG" >/dev/null
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ "$DEST" != "$RESULTS" ]; then
   cp "$DEST"/*.json "$DEST"/*.md "$RESULTS"/ 2>/dev/null || true
