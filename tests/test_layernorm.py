@@ -106,6 +106,20 @@ def test_matches_reference(op, shape, affine, dtype, residual, backend, device):
     check_against_reference(op, backend, inputs)
 
 
+# Outputs of at least 16 MiB take the CPU kernels' streaming-store path (kStreamMinBytes in
+# csrc/cpu/layernorm.cpp), which writes through an L1 buffer and streams h from scratch. 3075
+# columns of fp32 put row starts off 16-byte alignment, where it falls back to plain stores.
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape,dtype", [((4096, 1024), torch.float32),
+                                         ((1366, 3075), torch.float32),
+                                         ((8192, 1024), torch.bfloat16)],
+                         ids=["4096x1024-fp32", "1366x3075-fp32", "8192x1024-bf16"])
+@pytest.mark.parametrize("op", OPS)
+def test_native_cpu_large_outputs(op, shape, dtype, residual):
+    assert shape[0] * shape[1] * dtype.itemsize >= 16 << 20
+    check_against_reference(op, "native", make_inputs(op, shape, "wb", dtype, "cpu", residual))
+
+
 def _strided_inputs(kind, device, n=96):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(6, 2 * n, generator=g).to(device)

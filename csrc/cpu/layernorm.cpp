@@ -4,7 +4,9 @@
 // at::parallel_for. A row is read from memory once; its remaining passes run while it is
 // still in L1/L2 (a 64K-element fp32 row is 256 KiB) and prefetch the next row meanwhile
 // (see Ahead). DRAM traffic is thus the minimum: forward reads x (+ residual) and writes
-// y (+ h); backward reads src and dy (+ dh) and writes dx.
+// y (+ h); backward reads src and dy (+ dh) and writes dx; large outputs are written with
+// streaming stores, which spare the read that a plain store to an uncached line costs (see
+// "Output stores").
 //
 // SIMD without -march=native: the hot row loops are plain C++ loops under `#pragma omp simd`
 // (-fopenmp-simd, implied by -fopenmp, lets the compiler vectorise the reductions without
@@ -32,6 +34,10 @@
 #include <memory>
 #include <new>
 #include <type_traits>
+
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 // ATen's parallel_for is a header template that only runs in parallel when this translation
 // unit itself is compiled with the backend's flags (-fopenmp for torch's OpenMP build);
@@ -117,16 +123,74 @@ struct Ahead {
   }
 };
 
-// Elementwise row loop: body(j) for j < n, vectorised in chunks of 256 bytes of T, touching
-// `ahead` for each chunk.
+// Output stores. A plain store to a line that is not in cache first reads the line from DRAM
+// (read-for-ownership), so writing y costs a read and a write: an x -> y pass moves three
+// bytes per byte written, against two for the copy that sets the bandwidth ceiling.
+// Non-temporal (streaming) stores skip that read and go straight to memory through the
+// write-combining buffers. They pay off only for outputs too large to be read back from cache
+// by whatever runs next, hence the threshold (see stream_outputs); below it, plain stores.
+// SSE2's 16-byte streaming store is in every x86-64 ISA level, so every clone can use it.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTGPT_STREAM_STORES 1
+#endif
+
+// Writes len elements from buf (64-byte aligned) to dst, streaming when dst is 16-byte
+// aligned (a row start whose offset is not a multiple of 16 bytes falls back to plain stores).
+template <class T>
+FASTGPT_INLINE void stream_out(T* dst, const T* buf, int64_t len) {
+  const size_t bytes = size_t(len) * sizeof(T);
+  size_t done = 0;
+#if FASTGPT_STREAM_STORES
+  if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    char* d = reinterpret_cast<char*>(dst);
+    const char* b = reinterpret_cast<const char*>(buf);
+    for (; done + 16 <= bytes; done += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d + done),
+                       _mm_load_si128(reinterpret_cast<const __m128i*>(b + done)));
+    }
+  }
+#endif
+  std::memcpy(reinterpret_cast<char*>(dst) + done, reinterpret_cast<const char*>(buf) + done,
+              bytes - done);
+}
+
+// Orders this thread's streaming stores before whatever it does next (they are weakly
+// ordered); called once per task, before the task returns to the thread pool.
+FASTGPT_INLINE void stream_fence() {
+#if FASTGPT_STREAM_STORES
+  _mm_sfence();
+#endif
+}
+
+// Whether outputs totalling `bytes` are written with streaming stores. 16 MiB is beyond the
+// per-core share of last-level cache on current server parts, so such an output would not be
+// found in cache by the next op anyway. (sysconf's cache sizes are not used: inside VMs they
+// are often wrong, e.g. 320 MiB of L3 reported on a part with 32 MiB.)
+bool stream_outputs(int64_t bytes) {
+  constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
+  return bytes >= kStreamMinBytes;
+}
+
+// Elementwise row loop: out[j] = body(j) for j < n, vectorised in chunks of 256 bytes of T,
+// touching `ahead` for each chunk. When `stream`, a chunk's values go to a buffer in L1 and
+// from there out with streaming stores.
 template <class T, class Body>
-FASTGPT_INLINE void row_for(int64_t n, const Ahead<T>& ahead, const Body& body) {
+FASTGPT_INLINE void row_for(int64_t n, const Ahead<T>& ahead, T* out, bool stream,
+                            const Body& body) {
   constexpr int64_t kChunk = 256 / sizeof(T);
+  alignas(64) T buf[kChunk];
   for (int64_t c = 0; c < n; c += kChunk) {
     const int64_t c_end = std::min(n, c + kChunk);
     ahead(c, c_end);
+    if (stream) {
 #pragma omp simd
-    for (int64_t j = c; j < c_end; ++j) body(j);
+      for (int64_t j = c; j < c_end; ++j) buf[j - c] = body(j);
+      stream_out(out + c, buf, c_end - c);
+    } else {
+      T* __restrict o = out;
+#pragma omp simd
+      for (int64_t j = c; j < c_end; ++j) o[j] = body(j);
+    }
   }
 }
 
@@ -231,6 +295,19 @@ inline void with_elem_type(NormDType dtype, const F& f) {
   }
 }
 
+// Heap buffers aligned to a cache line, uninitialised.
+constexpr size_t kLineBytes = 64;
+struct AlignedFree {
+  void operator()(void* p) const { ::operator delete[](p, std::align_val_t(kLineBytes)); }
+};
+template <class T>
+using AlignedBuffer = std::unique_ptr<T[], AlignedFree>;
+template <class T>
+AlignedBuffer<T> aligned_buffer(int64_t count) {
+  return AlignedBuffer<T>(
+      static_cast<T*>(::operator new[](size_t(count) * sizeof(T), std::align_val_t(kLineBytes))));
+}
+
 // Rows per parallel task: at least ~32K elements, so a task's work (tens of microseconds)
 // dwarfs the cost of waking a thread and small inputs stay on the calling thread.
 int64_t row_grain(int64_t N) {
@@ -255,6 +332,7 @@ struct FwdArgs {
   S* rstd;
   int64_t N;
   S eps;
+  bool stream;  // write y and h with streaming stores
 };
 
 template <class T, bool kRms, bool kRes, bool kW, bool kB>
@@ -264,11 +342,15 @@ FASTGPT_SIMD_CLONES void fwd_rows(const FwdArgs<T>& a, int64_t row_begin, int64_
   const int64_t N = a.N;
   const T* __restrict w = a.w;
   const T* __restrict b = a.b;
+  // With a residual and streaming stores, h is formed in a row of scratch that stays in
+  // cache and is streamed out after pass 2: h itself cannot be read back once streamed.
+  AlignedBuffer<T> scratch = kRes && a.stream ? aligned_buffer<T>(N) : nullptr;
   for (int64_t i = row_begin; i < row_end; ++i) {
     const T* __restrict x = a.x + i * a.x_stride;
     const T* __restrict r = kRes ? a.res + i * a.res_stride : nullptr;
-    T* __restrict h = kRes ? a.h + i * N : nullptr;
-    T* __restrict y = a.y + i * N;
+    T* const h_out = kRes ? a.h + i * N : nullptr;
+    T* __restrict h = kRes && a.stream ? scratch.get() : h_out;
+    T* const y = a.y + i * N;
     const bool more = i + 1 < row_end;
     // Pass 1 (reads DRAM): form the row to normalise and reduce it to its statistics. With a
     // residual, h is rounded to T before it is reduced, so the statistics and y describe
@@ -298,18 +380,20 @@ FASTGPT_SIMD_CLONES void fwd_rows(const FwdArgs<T>& a, int64_t row_begin, int64_
     }
     const S rstd = S(1) / std::sqrt(var + a.eps);
     a.rstd[i] = rstd;
-    // Pass 2, from cache while the next row is fetched: y = xhat * w + b.
+    // Pass 2, from cache while the next row is fetched: y = xhat * w + b; then h's streaming.
     const Ahead<T> next_row{more ? x + a.x_stride : nullptr,
                             kRes && more ? r + a.res_stride : nullptr};
-    row_for<T>(N, next_row, [&](int64_t j) {
+    row_for<T>(N, next_row, y, a.stream, [&](int64_t j) {
       S v = E::load(src[j]);
       if constexpr (!kRms) v -= mean;
       v *= rstd;
       if constexpr (kW) v *= E::load(w[j]);
       if constexpr (kB) v += E::load(b[j]);
-      y[j] = E::store(v);
+      return E::store(v);
     });
+    if (kRes && a.stream) stream_out(h_out, h, N);
   }
+  if (a.stream) stream_fence();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -326,6 +410,7 @@ struct BwdArgs {
   const S* rstd;
   T* dx;
   int64_t N;
+  bool stream;  // write dx with streaming stores
 };
 
 // Rows [row_begin, row_end); when kAcc, adds this range's dweight/dbias contributions into
@@ -371,39 +456,35 @@ FASTGPT_SIMD_CLONES void bwd_rows(const BwdArgs<T>& a, int64_t row_begin, int64_
     const T* __restrict dh = kDh ? a.dh + i * N : nullptr;
     const bool more = i + 1 < row_end;
     const Ahead<T> next_row{more ? src + a.src_stride : nullptr, more ? dy + N : nullptr};
-    row_for<T>(N, next_row, [&](int64_t j) {
+    row_for<T>(N, next_row, dx, a.stream, [&](int64_t j) {
       const S xh = xhat(j);
       S v = g(j) - xh * mean_gx;
       if constexpr (!kRms) v -= mean_g;
       v *= rstd;
       if constexpr (kDh) v += E::load(dh[j]);
-      dx[j] = E::store(v);
       if constexpr (kAcc) {
         const S d = E::load(dy[j]);
         acc_w[j] += d * xh;
         if constexpr (!kRms) acc_b[j] += d;
       }
+      return E::store(v);
     });
   }
+  if (a.stream) stream_fence();
 }
 
 // Thread-private dweight/dbias partial sums: one 64-byte-aligned slab per task, each slab a
 // whole number of cache lines, so tasks never write to a shared line.
 template <class S>
 struct AccSlabs {
-  static constexpr size_t kAlign = 64;
-  struct Free {
-    void operator()(S* p) const { ::operator delete[](p, std::align_val_t(kAlign)); }
-  };
   int64_t stride;  // elements between slabs
-  std::unique_ptr<S[], Free> data;
+  AlignedBuffer<S> data;
 
   AccSlabs(int64_t n_slabs, int64_t per_slab) {
-    const int64_t per_line = int64_t(kAlign / sizeof(S));
+    const int64_t per_line = int64_t(kLineBytes / sizeof(S));
     stride = (per_slab + per_line - 1) / per_line * per_line;
-    const size_t count = size_t(n_slabs * stride);
-    data.reset(static_cast<S*>(::operator new[](count * sizeof(S), std::align_val_t(kAlign))));
-    std::fill_n(data.get(), count, S(0));
+    data = aligned_buffer<S>(n_slabs * stride);
+    std::fill_n(data.get(), n_slabs * stride, S(0));
   }
   S* slab(int64_t k) { return data.get() + k * stride; }
 };
@@ -471,7 +552,8 @@ void norm_fwd(NormDType dtype, bool rms, const void* x, int64_t x_row_stride,
                        static_cast<const T*>(weight), static_cast<const T*>(bias),
                        static_cast<T*>(y), static_cast<T*>(h),
                        static_cast<S*>(mean), static_cast<S*>(rstd),
-                       N, S(eps)};
+                       N, S(eps),
+                       stream_outputs(M * N * int64_t(sizeof(T)) * (residual ? 2 : 1))};
     with_flag(rms, [&](auto kRms) {
       with_flag(residual != nullptr, [&](auto kRes) {
         with_flag(weight != nullptr, [&](auto kW) {
@@ -505,7 +587,8 @@ void norm_bwd(NormDType dtype, bool rms, const void* dy, const void* dh, const v
     const BwdArgs<T> a{static_cast<const T*>(dy), static_cast<const T*>(dh),
                        static_cast<const T*>(src), src_row_stride,
                        static_cast<const T*>(weight), static_cast<const S*>(mean),
-                       static_cast<const S*>(rstd), static_cast<T*>(dx), N};
+                       static_cast<const S*>(rstd), static_cast<T*>(dx), N,
+                       stream_outputs(M * N * int64_t(sizeof(T)))};
     bwd_typed<T>(rms, a, static_cast<S*>(dweight), static_cast<S*>(dbias), M);
   });
 }
