@@ -166,6 +166,7 @@ FASTGPT_INLINE void stream_fence() {
 #endif
 }
 
+#if FASTGPT_STREAM_STORES
 // Whether the pages under [p, p + bytes) are already backed by memory, judged from the first,
 // middle and last page (an output comes either from a fresh mapping, nothing resident, or
 // from reused heap, all resident).
@@ -185,18 +186,25 @@ bool resident(const void* p, int64_t bytes) {
 #endif
   return true;
 }
+#endif
 
 // Whether an output of `bytes` at `out` is written with streaming stores.
 //  * Size: from 16 MiB, beyond the per-core share of last-level cache on current server parts,
 //    so the next op would not find the output in cache anyway. (sysconf's cache sizes are not
 //    used: inside VMs they are often wrong, e.g. 320 MiB of L3 reported on a part with 32.)
 //  * Residency: an output on fresh pages (glibc mmaps every block over 32 MB) is zero-filled
-//    by the OS at first touch, which leaves its lines in cache: plain stores then find them
-//    there, and streaming stores were measured 2-7% slower. Streaming pays where the pages
+//    by the OS at first touch, which brings its lines into cache: plain stores then find
+//    them there, and streaming stores were measured 2-7% slower. Streaming pays where the pages
 //    are reused (a warm heap, jemalloc, tcmalloc): measured 1.2-1.4x there.
 bool stream_output(const void* out, int64_t bytes) {
+#if FASTGPT_STREAM_STORES
   constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
   return out != nullptr && bytes >= kStreamMinBytes && resident(out, bytes);
+#else
+  (void)out;
+  (void)bytes;
+  return false;  // no streaming stores here: the buffered path would only add a copy
+#endif
 }
 
 // Elementwise row loop: out[j] = body(j) for j < n, vectorised in chunks of 256 bytes of T,
