@@ -4,12 +4,25 @@
 # and always to bench/results/; the full log is $OUT/gpu_check.log (or bench/results/).
 #
 #   bash bench/gpu_check.sh            # on a machine with a CUDA GPU, torch and triton
+#   bash bench/gpu_check.sh tests      # only some stages: tests, bench (the build always runs,
+#   bash bench/gpu_check.sh bench      # and is quick when fastgpt._C is up to date), e.g. where
+#                                      # one command may only run for a limited time
 #   BENCH_ARGS="--no-compile" bash bench/gpu_check.sh   # extra `fastgpt bench` arguments
 #                                      # (skipping torch.compile saves minutes of compiling)
 #
-# Uses the python that has torch (PYTHON=... to choose); downloads nothing.
+# Stage headers show the seconds since the start. Uses the python that has torch (PYTHON=... to choose);
+# downloads nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+STAGES=${*:-tests bench}
+for stage in $STAGES; do
+  case "$stage" in
+    tests|bench) ;;
+    *) echo "usage: bash bench/gpu_check.sh [tests] [bench]" >&2; exit 2 ;;
+  esac
+done
+wants() { [[ " $STAGES " == *" $1 "* ]]; }
 
 PY=${PYTHON:-python3}
 RESULTS=bench/results
@@ -19,7 +32,8 @@ LOG="$DEST/gpu_check.log"
 export PYTHONUNBUFFERED=1
 status=0
 
-step() { echo; echo "=== $* ===" | tee -a "$LOG"; }
+T0=$SECONDS
+step() { echo; echo "=== $* (at $((SECONDS - T0)) s) ===" | tee -a "$LOG"; }
 
 : > "$LOG"
 step "device"
@@ -35,19 +49,23 @@ if ! MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install --no-build-isolation --no-dep
 fi
 "$PY" -c "import fastgpt; s = fastgpt.available_backends(); print({k: {d: (v.available or v.reason) for d, v in s[k].items()} for k in s})" 2>&1 | tee -a "$LOG"
 
-step "tests"
-"$PY" -m pytest tests -q -p no:cacheprovider -rfE 2>&1 | tee -a "$LOG" | tail -n 40
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-step "benchmarks"
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-"$PY" -m fastgpt bench --device cuda --out "$DEST" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG" >/dev/null
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-if [ "$DEST" != "$RESULTS" ]; then
-  cp "$DEST"/*.json "$DEST"/*.md "$RESULTS"/ 2>/dev/null || true
+if wants tests; then
+  step "tests"
+  "$PY" -m pytest tests -q -p no:cacheprovider -rfE --durations=15 2>&1 | tee -a "$LOG" | tail -n 60
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
-step "summary"
+if wants bench; then
+  step "benchmarks"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+  "$PY" -m fastgpt bench --device cuda --out "$DEST" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG" >/dev/null
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  if [ "$DEST" != "$RESULTS" ]; then
+    cp "$DEST"/*.json "$DEST"/*.md "$RESULTS"/ 2>/dev/null || true
+  fi
+fi
+
+step "summary (status $status)"
 for md in "$DEST"/*.md; do
   [ -e "$md" ] && cat "$md"
 done

@@ -115,7 +115,12 @@ class Case(Protocol):
     # Contender names each row's time is compared with ("x torch.eager" columns).
     baselines: tuple[str, ...]
 
-    def problems(self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool) -> list[Problem]: ...
+    # `shapes`: the user's own shapes (``fastgpt bench --shape``), replacing the device's
+    # default plan; a case raises ValueError naming the shape it cannot take.
+    def problems(
+        self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool,
+        shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> list[Problem]: ...
 
     def workload(self, problem: Problem, device: str) -> Workload: ...
 
@@ -217,11 +222,15 @@ class Session:
     """One benchmark run on one device: timing settings, and the device's ceilings,
     measured once (on first use) and shared by every case of the run."""
 
-    def __init__(self, device: str, *, quick: bool = False, compile: bool = True, heap: dict | None = None):
+    def __init__(
+        self, device: str, *, quick: bool = False, compile: bool = True, heap: dict | None = None,
+        shapes: Sequence[tuple[int, ...]] | None = None,
+    ):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.device = device
         self.quick = quick
+        self.shapes = [tuple(s) for s in shapes] if shapes else None  # None: each case's plan
         self.compile = compile
         # {"requested", "applied", "detail"}: see warm_heap()
         self.heap = heap or {"requested": False, "applied": False, "detail": "default allocator"}
@@ -304,7 +313,12 @@ class Session:
                 "gemm_tflops": {DTYPE_NAMES.get(d, str(d)): r for d, r in self._gemm_tflops.items()},
             },
             "warm_heap": self.heap,
-            "settings": {"quick": self.quick, "compile": self.compile, "timer": self.timer_description()},
+            "settings": {
+                "quick": self.quick,
+                "compile": self.compile,
+                "shapes": [shape_label(s) for s in self.shapes] if self.shapes else None,
+                "timer": self.timer_description(),
+            },
             "backends": backend_status(self.device),
         }
 
@@ -412,7 +426,7 @@ def run_case(
     """Run every problem of `case` (restricted to `dtypes` if given); returns the result
     (metadata, baselines, rows) that write_results saves and render_* print."""
     rows = []
-    for problem in case.problems(session.device, dtypes, session.quick):
+    for problem in case.problems(session.device, dtypes, session.quick, session.shapes):
         rows += run_problem(case, problem, session, log)
     return {"case": case.name, **session.metadata(), "baselines": list(case.baselines), "rows": rows}
 
@@ -524,7 +538,9 @@ def render_header(result: dict[str, Any]) -> list[str]:
                 "(--warm-heap isolates the kernels' cost)"
             )
     if result["settings"]["quick"]:
-        lines.append("quick run: tiny shapes and short timings; a smoke test, not a measurement")
+        lines.append("quick run: tiny shapes (unless --shape) and short timings; a smoke test, not a measurement")
+    if result["settings"].get("shapes"):
+        lines.append("shapes: " + ", ".join(result["settings"]["shapes"]) + " (--shape; not the default plan)")
     return lines
 
 

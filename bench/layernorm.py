@@ -53,10 +53,20 @@ class NormCase:
     eps: float  # the fastgpt op's default
     baselines: tuple[str, ...] = ("torch.eager", "torch.compile")
 
-    def problems(self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool) -> list[Problem]:
+    def problems(
+        self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool,
+        shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> list[Problem]:
+        for shape in shapes or ():
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"{self.name} takes shapes ROWSxHIDDEN with both >= 1, got "
+                                 f"{'x'.join(map(str, shape))}")
         plan = SHAPES[device]
         # A dtype outside the device's plan is run at the plan's first dtype's shapes.
-        shapes = {d: QUICK_SHAPES if quick else plan.get(d, next(iter(plan.values()))) for d in dtypes or plan}
+        shapes = {
+            d: list(shapes) if shapes else QUICK_SHAPES if quick else plan.get(d, next(iter(plan.values())))
+            for d in dtypes or plan
+        }
         return [
             Problem(variant, shape, dtype, self.bytes(variant, *shape, dtype))
             for dtype, dtype_shapes in shapes.items()

@@ -144,9 +144,10 @@ def default_backend() -> Optional[str]:
 # Automatic choice: per device kind, the backends to try in order; `choose` skips one that
 # cannot serve the input (the op's `why_not`: dtype, hidden size).
 # CPU: native first. Measured on the 2-core CI machine at 8192x4096 (bench/results/
-# *-cpu-20261121-234732): 2.3x to 27x eager PyTorch, forward and backward, fp32 and bf16, in
-# a default process; with a warm heap (*-234239) eager's fp32 LayerNorm forwards (plain and
-# fused residual) are 8-13% faster, every other case stays faster on native. Triton on CPU is the interpreter: never.
+# *-cpu-20261122-003850): 2.0x to 37x eager PyTorch, forward and backward, fp32 and bf16, in a
+# default process. With a warm heap (*-004230), which leaves only the kernels' own cost, native
+# stays ahead (1.07x to 9x) except bf16 LayerNorm forward, where eager is 9% faster (0.91x); one
+# order for all inputs keeps the choice predictable. Triton on CPU is the interpreter: never.
 # CUDA: native, then triton, by design rather than measurement so far (no GPU results yet);
 # revisit with bench/gpu_check.sh results.
 _PREFERENCE = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}

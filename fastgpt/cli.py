@@ -1,7 +1,7 @@
 """The ``fastgpt`` command (also ``python -m fastgpt``).
 
-    fastgpt bench [CASE ...] [--device cpu|cuda|auto] [--dtype DTYPE ...] [--quick]
-                  [--warm-heap] [--out DIR] [--no-compile]
+    fastgpt bench [CASE ...] [--device cpu|cuda|auto] [--dtype DTYPE ...] [--shape SHAPE ...]
+                  [--quick] [--warm-heap] [--out DIR] [--no-compile]
     fastgpt info
     fastgpt profile
 
@@ -35,6 +35,13 @@ def _bench(args: argparse.Namespace) -> int:
     elif device == "cuda" and not torch.cuda.is_available():
         args.parser.error("--device cuda: torch sees no CUDA device")
 
+    shapes = list(dict.fromkeys(args.shape)) if args.shape else None
+    for name in cases:  # a shape a case cannot take is a usage error, before anything runs
+        try:
+            bench.CASES[name].problems(device, None, args.quick, shapes)
+        except ValueError as exc:
+            args.parser.error(f"--shape: {exc}")
+
     # Before any benchmark tensor exists: the allocator settings only govern later blocks.
     if not args.warm_heap:
         heap = {"applied": False, "detail": "default glibc malloc"}
@@ -43,7 +50,7 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         heap = {"applied": False, "detail": "CPU only; CUDA's caching allocator already reuses memory"}
     heap["requested"] = args.warm_heap
-    session = bench.Session(device, quick=args.quick, compile=not args.no_compile, heap=heap)
+    session = bench.Session(device, quick=args.quick, compile=not args.no_compile, heap=heap, shapes=shapes)
     dtypes = [bench.DTYPES[d] for d in dict.fromkeys(args.dtype)] if args.dtype else None
 
     print("\n".join(bench.render_header(session.metadata())) + "\n", flush=True)
@@ -60,6 +67,17 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"  {r['case']} {r['variant']} {r['dtype']} {r['contender']}: {r['status']}: {r['detail']}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    """argparse type for --shape: sizes joined by "x", e.g. 4x768."""
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes joined by 'x' (e.g. 4x768), got {text!r}")
+    return shape
 
 
 def _progress(message: str) -> None:
@@ -115,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
         help="run only these dtypes (repeatable; default: the device's default set)",
     )
     bench.add_argument("--quick", action="store_true", help="tiny shapes, short timings: a smoke test")
+    bench.add_argument(
+        "--shape",
+        action="append",
+        type=_shape,
+        metavar="SHAPE",
+        help="time these shapes instead of the default plan (repeatable; norms: ROWSxHIDDEN, e.g. 4x768)",
+    )
     bench.add_argument(
         "--warm-heap",
         action="store_true",

@@ -148,8 +148,22 @@ def _torch_norm_bwd(dy, dh, src, weight, mean, rstd, rms: bool, need_dweight: bo
 
 def _rows(t: Tensor) -> Tensor:
     """(..., N) -> (M, N) with contiguous rows; a view whenever the strides allow."""
+    if t.dim() == 2 and t.stride(-1) == 1:
+        return t  # already rows; a reshape costs about a microsecond of Python per tensor
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def _dense_rows(t: Tensor) -> Tensor:
+    """(..., N) -> contiguous (M, N): the layout the kernels take for gradients."""
+    if t.dim() == 2 and t.is_contiguous():
+        return t
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """Per-row statistics, (...) -> (M,)."""
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _empty(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -171,9 +185,12 @@ def _norm_forward(op, x, weight, bias, residual, eps, requested, rms):
         y, h, mean, rstd = impl(x2, weight, bias, r2, eps, rms)
         h = h if h is not None else _empty(x)
         mean = mean if mean is not None else _empty(x, rstd.dtype)
-    y = y.view(x.shape)
-    h = h.view(x.shape) if residual is not None else h
-    lead = x.shape[:-1]
+    if x.dim() == 2:
+        return y, h, mean, rstd  # already x's shape; skip four views, ~2 us of Python each
+    shape = tuple(x.shape)  # views take a tuple faster than a torch.Size
+    lead = shape[:-1]
+    y = y.view(shape)
+    h = h.view(shape) if residual is not None else h
     mean = mean if rms else mean.view(lead)
     return y, h, mean, rstd.view(lead)
 
@@ -184,15 +201,14 @@ def _norm_backward(op, dy, dh, src, weight, mean, rstd, need_dweight, need_dbias
     input's device, dtype and hidden size, which src shares). Returns (dx, dweight, dbias),
     dweight/dbias in weight's dtype, empty when not requested."""
     name = _resolve(op, src, requested)
-    n = src.shape[-1]
     if src.numel() == 0:
         dx, dw, db = _fake_backward(src, weight, need_dweight, need_dbias)
         return dx, dw.zero_(), db.zero_()  # sums over zero rows
-    dy2 = dy.reshape(-1, n).contiguous()
-    dh2 = dh.reshape(-1, n).contiguous() if dh is not None else None
+    dy2 = _dense_rows(dy)
+    dh2 = _dense_rows(dh) if dh is not None else None
     src2 = _rows(src)
-    mean2 = None if rms else mean.reshape(-1)
-    rstd2 = rstd.reshape(-1)
+    mean2 = None if rms else _flat(mean)
+    rstd2 = _flat(rstd)
     if name == "native":
         dx, dw, db = torch.ops.fastgpt.norm_bwd(dy2, dh2, src2, weight, mean2, rstd2, rms,
                                                 need_dweight, need_dbias)
@@ -202,7 +218,7 @@ def _norm_backward(op, dy, dh, src, weight, mean, rstd, need_dweight, need_dbias
     wdtype = weight.dtype if weight is not None else src.dtype
     dw = dw.to(wdtype) if need_dweight else _empty(src)
     db = db.to(wdtype) if need_dbias else _empty(src)
-    return dx.view(src.shape), dw, db
+    return (dx if src.dim() == 2 else dx.view(tuple(src.shape))), dw, db
 
 
 def _fake_forward(x, residual, rms):

@@ -27,9 +27,23 @@ def test_bench_quick_writes_checked_results(tmp_path):
         assert path.with_suffix(".md").exists()
 
 
+def test_bench_shape_replaces_the_plan(tmp_path):
+    proc = _fastgpt("bench", "rmsnorm", "--quick", "--no-compile", "--device", "cpu",
+                    "--dtype", "fp32", "--shape", "3x17", "--shape", "1x5", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("rmsnorm-*.json")
+    result = json.loads(path.read_text())
+    assert result["settings"]["shapes"] == ["3x17", "1x5"]
+    assert {tuple(r["shape"]) for r in result["rows"]} == {(3, 17), (1, 5)}
+    assert all(r["status"] == "ok" for r in result["rows"]), result["rows"]
+
+
 def test_bench_usage_errors():
     assert _fastgpt("bench", "nosuchcase").returncode == 2
     assert _fastgpt().returncode == 2
+    for bad in ("4x768x2", "0x8", "4by768"):  # norms take ROWSxHIDDEN, sizes >= 1
+        proc = _fastgpt("bench", "layernorm", "--device", "cpu", "--shape", bad)
+        assert proc.returncode == 2 and "--shape" in proc.stderr, (bad, proc.stderr[-500:])
 
 
 def test_info_lists_backends():
