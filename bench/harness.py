@@ -23,10 +23,11 @@ import datetime
 import json
 import platform
 import re
+import statistics
 import subprocess
+import timeit
 from dataclasses import dataclass
 from pathlib import Path
-from time import perf_counter
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -214,6 +215,9 @@ class TimerSettings:
     gemm_size: dict[str, int]  # square torch.matmul size of the GEMM-rate probe, per device
 
 
+# CPU timing rounds (see Session._time_cpu_interleaved).
+CPU_ROUNDS = 10
+
 FULL_TIMER = TimerSettings(1.0, 25, 200, 256 << 20, {"cuda": 8192, "cpu": 2048})
 QUICK_TIMER = TimerSettings(0.05, 5, 20, 32 << 20, {"cuda": 1024, "cpu": 256})
 
@@ -241,32 +245,68 @@ class Session:
 
     def time(self, fn: Callable[[], Any]) -> tuple[float, float]:
         """(median, interquartile range) of one call of `fn`, in milliseconds."""
+        result = self.time_all([fn])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def time_all(self, fns: Sequence[Callable[[], Any]]) -> list[tuple[float, float] | Exception]:
+        """`time` for each of `fns`, all under the same conditions: per fn, (median ms, IQR ms),
+        or the exception it raised while being timed."""
         if self.device == "cuda":
-            from triton.testing import do_bench
+            return [_attempt(lambda fn=fn: self._time_cuda(fn)) for fn in fns]
+        return self._time_cpu_interleaved(fns)
 
-            # do_bench times each repetition with CUDA events after zeroing a 256 MB buffer,
-            # which evicts L2, so every repetition reads its inputs from HBM (the default
-            # GPU shapes are larger than L2 as well). The 0.5 quantile is the median the
-            # table reports; the quartiles give the spread.
-            q1, median, q3 = do_bench(
-                fn,
-                warmup=self.timer.gpu_warmup_ms,
-                rep=self.timer.gpu_rep_ms,
-                quantiles=[0.25, 0.5, 0.75],
-                return_mode="median",
-            )
-            return median, q3 - q1
-        from torch.utils.benchmark import Timer
+    def _time_cuda(self, fn: Callable[[], Any]) -> tuple[float, float]:
+        from triton.testing import do_bench
 
-        # Warm-up beyond the check call (lazy initialisation, compiled-graph caches); its
-        # time stretches the budget so that slow calls still give a median of 10 runs.
-        start = perf_counter()
-        fn()
-        budget = max(self.timer.cpu_min_run_time_s, 10 * (perf_counter() - start))
-        # Timer pins torch's thread count for the measurement; its default is 1 thread.
-        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        measurement = timer.blocked_autorange(min_run_time=budget)
-        return measurement.median * 1e3, measurement.iqr * 1e3
+        # do_bench times each repetition with CUDA events after zeroing a 256 MB buffer,
+        # which evicts L2, so every repetition reads its inputs from HBM (the default
+        # GPU shapes are larger than L2 as well). The 0.5 quantile is the median the
+        # table reports; the quartiles give the spread.
+        q1, median, q3 = do_bench(
+            fn,
+            warmup=self.timer.gpu_warmup_ms,
+            rep=self.timer.gpu_rep_ms,
+            quantiles=[0.25, 0.5, 0.75],
+            return_mode="median",
+        )
+        return median, q3 - q1
+
+    def _time_cpu_interleaved(self, fns: Sequence[Callable[[], Any]]) -> list[tuple[float, float] | Exception]:
+        """CPU timing in rounds: each round times one block of calls of every fn in turn.
+
+        A shared VM's speed drifts by tens of percent within minutes (page-fault cost, memory
+        bandwidth); timing contenders one after another would put that drift into their
+        ratios. Interleaved, every contender sees the same drift. Round 0 is a warm-up that
+        also sizes the blocks: each fn gets max(cpu_min_run_time, 10 calls) of timed calls in
+        all, split into CPU_ROUNDS blocks. Median and IQR are over the per-call means of the
+        blocks. Blocks are timed with the standard library's timeit (what
+        torch.utils.benchmark.Timer wraps; its own timeit() adds two untimed warm-up calls
+        per block, which would triple the run time of slow contenders)."""
+        results: list[tuple[float, float] | Exception | None] = [None] * len(fns)
+        blocks: list[list[float]] = [[] for _ in fns]
+        number = [1] * len(fns)
+        for round_ in range(CPU_ROUNDS + 1):
+            for i, fn in enumerate(fns):
+                if isinstance(results[i], Exception):
+                    continue
+                try:
+                    # timeit runs the calls with the garbage collector off, as Timer does.
+                    per_call = timeit.Timer(fn).timeit(number[i]) / number[i]
+                except Exception as e:  # noqa: BLE001 - reported in this fn's row
+                    results[i] = e
+                    continue
+                if round_ == 0:
+                    budget = max(self.timer.cpu_min_run_time_s, 10 * per_call)
+                    number[i] = max(1, round(budget / CPU_ROUNDS / per_call))
+                else:
+                    blocks[i].append(per_call)
+        for i, times in enumerate(blocks):
+            if results[i] is None:
+                q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+                results[i] = (median * 1e3, (q3 - q1) * 1e3)
+        return results  # type: ignore[return-value]
 
     def copy_bandwidth(self) -> float:
         """GB/s of a large ``dst.copy_(src)`` into a preallocated dst, counting the bytes read
@@ -296,8 +336,9 @@ class Session:
                 f"warmup={self.timer.gpu_warmup_ms} ms, rep={self.timer.gpu_rep_ms} ms"
             )
         return (
-            f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time=max({self.timer.cpu_min_run_time_s} s, "
-            f"10 calls)), median; {torch.get_num_threads()} threads"
+            f"timeit, contenders interleaved in {CPU_ROUNDS} rounds, "
+            f"max({self.timer.cpu_min_run_time_s} s, 10 calls) each, median of the rounds; "
+            f"{torch.get_num_threads()} threads"
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -354,6 +395,7 @@ def run_problem(case: Case, problem: Problem, session: Session, log: Callable[[s
         except Exception as e:  # noqa: BLE001 - reported in the checked rows
             reference_error = _one_line(f"{type(e).__name__}: {e}")
     eager = None
+    runs: dict[int, Callable[[], Any]] = {}  # row index -> the thunk to time
     for index, contender in enumerate(contenders):
         if log:
             log(f"{case.name} {problem.label} {contender.name}")
@@ -368,24 +410,33 @@ def run_problem(case: Case, problem: Problem, session: Session, log: Callable[[s
         }
         if contender.checked and (eager is None or reference is None):
             failed = contenders[0].name + (" in float64: " + reference_error if reference_error else "")
-            out, outcome = None, ("error", f"nothing to check against: {failed} failed", None, None)
+            out, run, outcome = None, None, ("error", f"nothing to check against: {failed} failed")
         else:
             check = (eager, reference) if contender.checked else None
-            out, outcome = _check_and_time(contender, workload, session, check)
+            out, run, outcome = _check(contender, workload, check)
         if index == 0:
             eager = out
-        row["status"], row["detail"], row["ms"], row["iqr_ms"] = outcome
+        row["status"], row["detail"] = outcome
+        row["ms"] = row["iqr_ms"] = None
+        if run is not None:
+            runs[index] = run
         rows.append(row)
+    # Every contender that passed its check is timed in one go (interleaved on the CPU).
+    for index, timed in zip(runs, session.time_all(list(runs.values()))):
+        if isinstance(timed, Exception):
+            rows[index]["status"], rows[index]["detail"] = _failure(contenders[index], timed)
+        else:
+            rows[index]["ms"], rows[index]["iqr_ms"] = timed
     _add_rates(rows, problem, session, case.baselines)
     return rows
 
 
-def _check_and_time(
-    contender: Contender, workload: Workload, session: Session, check: tuple[Any, Any] | None
-) -> tuple[Any, tuple[str, str, float | None, float | None]]:
-    """Run `contender` once, check the output against (eager output, float64 reference)
-    unless `check` is None, then time it. Returns (the output, (status, detail, median ms,
-    iqr ms)). The contender's autograd graph dies with this frame."""
+def _check(
+    contender: Contender, workload: Workload, check: tuple[Any, Any] | None
+) -> tuple[Any, Callable[[], Any] | None, tuple[str, str]]:
+    """Run `contender` once and check the output against (eager output, float64 reference)
+    unless `check` is None. Returns (the output, the thunk to time or None if it failed,
+    (status, detail))."""
     # Any exception from a contender (a compile failure, a kernel that rejects the input,
     # a crash) becomes the row's status, so one failure never hides the other rows.
     try:
@@ -394,12 +445,24 @@ def _check_and_time(
         if check is not None:
             mismatch = compare(out, *check)
             if mismatch:
-                return out, ("mismatch", mismatch, None, None)
-        ms, iqr = session.time(run)
+                return out, None, ("mismatch", mismatch)
     except Exception as e:  # noqa: BLE001 - see above
-        status = "skipped" if contender.optional else "unsupported" if isinstance(e, fastgpt.BackendError) else "error"
-        return None, (status, _one_line(f"{type(e).__name__}: {e}"), None, None)
-    return out, ("ok", "", ms, iqr)
+        return None, None, _failure(contender, e)
+    return out, run, ("ok", "")
+
+
+def _failure(contender: Contender, e: Exception) -> tuple[str, str]:
+    """(status, detail) of a contender that raised."""
+    status = "skipped" if contender.optional else "unsupported" if isinstance(e, fastgpt.BackendError) else "error"
+    return status, _one_line(f"{type(e).__name__}: {e}")
+
+
+def _attempt(fn: Callable[[], Any]) -> Any:
+    """fn()'s result, or the exception it raised."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the caller reports it
+        return e
 
 
 def _add_rates(rows: list[dict], problem: Problem, session: Session, baselines: Sequence[str]) -> None:

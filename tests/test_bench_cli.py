@@ -52,3 +52,27 @@ def test_info_lists_backends():
     assert f"fastgpt {fastgpt.__version__}" in proc.stdout
     for name in ("torch", "triton", "native"):
         assert name in proc.stdout
+
+
+def test_cpu_timing_interleaves_contenders_and_keeps_failures_apart():
+    from fastgpt.bench.harness import CPU_ROUNDS, QUICK_TIMER, Session
+
+    session = Session("cpu", quick=True)
+    order = []
+
+    def contender(name, fail_after=None):
+        def fn():
+            order.append(name)
+            if fail_after is not None and order.count(name) > fail_after:
+                raise RuntimeError(f"{name} broke")
+        return fn
+
+    ok, broken = session.time_all([contender("a"), contender("b", fail_after=2)])
+    assert isinstance(broken, RuntimeError) and "b broke" in str(broken)
+    median, iqr = ok
+    assert 0 < median < 1e3 * QUICK_TIMER.cpu_min_run_time_s and iqr >= 0
+    # Blocks alternate (round 0, the warm-up, then round 1) until "b" fails on its third
+    # call; "a" goes on alone, one block per round: at least one call in each of the rounds.
+    runs = [name for i, name in enumerate(order) if i == 0 or name != order[i - 1]]
+    assert runs[:4] == ["a", "b", "a", "b"] and order.count("b") == 3
+    assert order.count("a") >= CPU_ROUNDS + 1
