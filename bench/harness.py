@@ -547,8 +547,9 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout this file lives in ("+dirty" if tracked files changed), or None
-    outside a git checkout."""
+    """HEAD of the checkout this file lives in ("+dirty" if tracked files other than
+    bench/results changed: results do not change what is measured), or None outside a git
+    checkout."""
     repo = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
@@ -558,7 +559,7 @@ def git_commit() -> str | None:
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
