@@ -144,10 +144,12 @@ def default_backend() -> Optional[str]:
 # Automatic choice: per device kind, the backends to try in order; `choose` skips one that
 # cannot serve the input (the op's `why_not`: dtype, hidden size).
 # CPU: native first. Measured on the 2-core CI machine at 8192x4096 (bench/results/
-# *-cpu-20261122-003850): 2.0x to 37x eager PyTorch, forward and backward, fp32 and bf16, in a
-# default process. With a warm heap (*-004230), which leaves only the kernels' own cost, native
-# stays ahead (1.07x to 9x) except bf16 LayerNorm forward, where eager is 9% faster (0.91x); one
-# order for all inputs keeps the choice predictable. Triton on CPU is the interpreter: never.
+# *-cpu-20261122-012450): 2.4x to 31x eager PyTorch, forward and backward, fp32 and bf16, in a
+# default process. With a warm heap (*-012806), which leaves only the kernels' own cost, native
+# is 1.00x to 10x eager (bf16 LayerNorm forward: a tie). On tiny inputs the custom op's
+# Python overhead makes eager faster (*-012411, 8x768: 0.2-0.6x); the choice stays native
+# there because inside the op the alternative is the torch fallback, a chain of ops that is
+# slower still. Triton on CPU is the interpreter: never.
 # CUDA: native, then triton, by design rather than measurement so far (no GPU results yet);
 # revisit with bench/gpu_check.sh results.
 _PREFERENCE = {"cpu": ("native", "torch"), "cuda": ("native", "triton", "torch")}
