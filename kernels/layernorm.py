@@ -46,8 +46,10 @@ MAX_HIDDEN = 65536
 # has at most 16 warps here, i.e. 128 registers per thread at full use of the register file.
 #   forward:  48-80 registers up to 32 elements per thread (16384 bf16 at 16 warps), no spills.
 #   backward: it keeps dweight/dbias sums and dy, g, xhat, weight live per element:
-#             ~100-128 registers at 16 elements per thread (8192 at 16 warps) and 200-330 bytes
-#             of spills at 32 (16384 bf16).
+#             ~100-128 registers at 16 elements per thread (8192 at 16 warps), with at most
+#             16 bytes of spill stores (fp32 at 8192, fp64 looped), and 200-330 bytes of
+#             spills at 32 (16384 bf16).
+# tests/test_triton_sm90.py compiles every launch variant for sm_90a and holds these limits.
 # So a row stays in registers up to 32 KiB of input in the forward (16384 fp16/bf16, 8192
 # fp32, 4096 fp64 elements) and up to 8192 elements in the backward; longer rows are looped.
 _MAX_ROW_BYTES = 32 * 1024

@@ -23,7 +23,7 @@
 // LayerNorm's variance is the corrected two-pass one over the cache-hot row (see fwd_rows),
 // not E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std. Row sums are
 // blocked (see row_sums) so float rounding error does not grow with N.
-#include "layernorm.h"
+#include "cpu/layernorm.h"
 
 #include <ATen/Parallel.h>
 
