@@ -95,7 +95,9 @@ def _extension():
     )
 
 
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+# Guarded so that tests can load this file for its helpers (setuptools runs it as __main__).
+if __name__ == "__main__":
+    setup(
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

@@ -1,15 +1,19 @@
 """The CUDA code is compiled here even though no GPU runs it, so it cannot rot.
 
-* every csrc/cuda/*.cu through nvcc (compile only, sm_90a), and it includes only CUDA headers;
+* every csrc/cuda/*.cu through nvcc (compile only, sm_90a), with the include path and
+  architectures setup.py gives it, and it includes only CUDA headers;
+* setup.py finds the CUDA toolkit even where nvcc on PATH is a wrapper script outside it;
 * the torch glue csrc/fastgpt_ops.cpp with its CUDA half switched on (syntax only: a CPU
   build of torch ships c10/cuda headers but not the generated cuda_cmake_macros.h, which a
   one-line stand-in replaces).
 """
 import glob
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -20,6 +24,23 @@ CSRC = os.path.join(ROOT, "csrc")
 CU_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+
+
+@pytest.fixture(scope="module")
+def setup_config():
+    """What setup.py would build with: its include dirs, gencode flags and CUDA toolkit root.
+    Read in a subprocess, since loading setup.py may set CUDA_HOME for its process; without
+    FASTGPT_CUDA_ARCHS, so these are the defaults."""
+    code = ("import json, runpy, sys\n"
+            "ns = runpy.run_path(sys.argv[1], run_name='fastgpt_setup')\n"
+            "print(json.dumps({'include_dirs': ns['_extension']().include_dirs,\n"
+            "                  'gencode': ns['_gencode_flags'](),\n"
+            "                  'cuda_root': ns['_nvcc_toolkit_root']()}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "FASTGPT_CUDA_ARCHS"}  # the default
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "setup.py")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _cuda_includes():
@@ -43,10 +64,21 @@ def test_cuda_source_includes_only_cuda_headers(src):
 
 
 @needs_nvcc
+def test_setup_finds_the_cuda_toolkit(setup_config):
+    root = setup_config["cuda_root"]
+    assert root and os.path.exists(os.path.join(root, "include", "cuda_runtime.h")), root
+
+
+def test_setup_targets_sm90a_by_default(setup_config):
+    assert setup_config["gencode"] == ["-gencode=arch=compute_90a,code=sm_90a"]
+
+
+@needs_nvcc
 @pytest.mark.parametrize("src", CU_SOURCES, ids=os.path.basename)
-def test_cuda_source_compiles(src, tmp_path):
-    cmd = [NVCC, "-c", "-O3", "-std=c++17", "-gencode", "arch=compute_90a,code=sm_90a",
-           "-I", CSRC, src, "-o", str(tmp_path / "k.o")]
+def test_cuda_source_compiles(src, tmp_path, setup_config):
+    cmd = [NVCC, "-c", "-O3", "-std=c++17", *setup_config["gencode"]]
+    cmd += [f"-I{d}" for d in setup_config["include_dirs"]]
+    cmd += [src, "-o", str(tmp_path / "k.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
