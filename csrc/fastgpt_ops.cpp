@@ -70,6 +70,9 @@ NormFwd prepare_fwd(const Tensor& x, const optional<Tensor>& weight,
                     const optional<Tensor>& bias, const optional<Tensor>& residual, double eps,
                     bool rms) {
   TORCH_CHECK(x.dim() == 2, "fastgpt: x must be 2-D (rows, hidden), got ", x.sizes());
+  // A row of no elements has no mean or variance (torch makes its rstd NaN); the Python API
+  // rejects it too, rather than return statistics that mean nothing.
+  TORCH_CHECK(x.size(1) >= 1, "fastgpt: x must have a hidden size >= 1, got ", x.sizes());
   check_rows(x, "x", x);
   TORCH_CHECK(eps > 0, "fastgpt: eps must be > 0, got ", eps);
   TORCH_CHECK(!(rms && bias.has_value()), "fastgpt: rms_norm takes no bias");
@@ -95,6 +98,7 @@ NormBwd prepare_bwd(const Tensor& dy, const optional<Tensor>& dh, const Tensor& 
                     const optional<Tensor>& weight, const optional<Tensor>& mean,
                     const Tensor& rstd, bool rms, bool need_dweight, bool need_dbias) {
   TORCH_CHECK(src.dim() == 2, "fastgpt: src must be 2-D (rows, hidden), got ", src.sizes());
+  TORCH_CHECK(src.size(1) >= 1, "fastgpt: src must have a hidden size >= 1, got ", src.sizes());
   check_rows(src, "src", src);
   check_rows(dy, "dy", src);
   TORCH_CHECK(dy.is_contiguous(), "fastgpt: dy must be contiguous");

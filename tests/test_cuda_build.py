@@ -78,9 +78,13 @@ def test_setup_targets_sm90a_by_default(setup_config):
 def test_cuda_source_compiles(src, tmp_path, setup_config):
     cmd = [NVCC, "-c", "-O3", "-std=c++17", *setup_config["gencode"]]
     cmd += [f"-I{d}" for d in setup_config["include_dirs"]]
-    cmd += [src, "-o", str(tmp_path / "k.o")]
+    cmd += ["-Xptxas", "-v", src, "-o", str(tmp_path / "k.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # ptxas reports every kernel; none may spill (the launch configs assume registers only).
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", proc.stderr)]
+    assert spills, f"no ptxas -v report in: {proc.stderr[-2000:]}"
+    assert not any(spills), re.findall(r".*bytes spill stores.*", proc.stderr)
 
 
 @needs_nvcc

@@ -231,6 +231,21 @@ def test_opcheck_native_kernel_ops(device):
                            True))
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_native_kernel_ops_reject_empty_rows(device):
+    """Rows of no elements have no statistics: the C++ entry points refuse them (as the public
+    functions do) rather than return uninitialised mean/rstd or fail inside a launch."""
+    fastgpt.layer_norm(torch.ones(1, 1), backend="native")  # loads fastgpt._C
+    x = torch.empty(3, 0, device=device)
+    for rms in (False, True):
+        with pytest.raises(RuntimeError, match="x must have a hidden size >= 1"):
+            torch.ops.fastgpt.norm_fwd(x, None, None, None, 1e-5, rms)
+    rstd = torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match="src must have a hidden size >= 1"):
+        torch.ops.fastgpt.norm_bwd(x, None, x, None, torch.zeros(3, device=device), rstd, False,
+                                   False, False)
+
+
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.id != "torch-cpu"])
 @pytest.mark.parametrize("op", OPS)
 def test_compile_fullgraph(op, backend, device):

@@ -188,14 +188,17 @@ template <bool kRms>
 struct Moments {
   float n, mean, m2;
   __device__ static Moments identity() { return {0.f, 0.f, 0.f}; }
-  // Chan, Golub & LeVeque pairwise update. An empty b (n = 0) leaves a unchanged; an empty
-  // a never meets a non-empty b (valid elements are a prefix of the lanes and warps).
+  // Chan, Golub & LeVeque pairwise update. An empty a never meets a non-empty b (valid
+  // elements are a prefix of the lanes and warps). An empty b returns a as it is: the update
+  // formula would add delta * delta * a.n * 0, which is NaN once delta * delta overflows
+  // (|mean| > 1.8e19).
   __device__ static Moments combine(const Moments& a, const Moments& b) {
     if constexpr (kRms) {
       return {0.f, 0.f, a.m2 + b.m2};
     } else {
+      if (b.n == 0.f) return a;
       const float n = a.n + b.n;
-      const float wb = n > 0.f ? __fdividef(b.n, n) : 0.f;
+      const float wb = __fdividef(b.n, n);
       const float delta = b.mean - a.mean;
       return {n, fmaf(delta, wb, a.mean), a.m2 + b.m2 + delta * delta * a.n * wb};
     }
