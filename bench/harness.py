@@ -201,6 +201,63 @@ def warm_heap() -> dict[str, Any]:
     return {"applied": False, "detail": "mallopt(M_MMAP_THRESHOLD) and mallopt(M_MMAP_MAX) rejected"}
 
 
+_MADV_HUGEPAGE = 14  # Linux
+_HUGE_PAGE = 2 << 20
+_FRESH_MIN_BYTES = 64 << 20  # twice glibc's largest mmap threshold (32 MiB)
+
+
+def _advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask for transparent huge pages on the whole 2 MiB pages inside t's still-untouched
+    buffer, as the native CPU ops do for their large outputs. False where that is refused."""
+    begin = t.data_ptr()
+    first = (begin + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    last = (begin + t.nbytes) & ~(_HUGE_PAGE - 1)
+    if last <= first:
+        return False
+    try:
+        madvise = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return False
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise(first, last - first, _MADV_HUGEPAGE) == 0
+
+
+def first_touch_rates(nbytes: int, repeats: int = 5) -> dict[str, Any]:
+    """GB/s of writing every byte of a buffer (``fill_``) that was just allocated, so that
+    each page is faulted in and zero-filled by the OS on first touch, against the same write
+    to pages already resident. With the default heap every large output of every contender
+    pays the first-touch rate, which is what caps "% copy" below 100 there (on the 2-core CI
+    VM: a fresh 128 MiB output costs about as much as reading and writing 128 MiB).
+    Keys: "bytes" (the buffer's size), "resident", "fresh_4k" (pages as allocated),
+    "fresh_huge" (after MADV_HUGEPAGE; None where refused). Medians of `repeats` fresh buffers. `nbytes` is raised to 64 MiB:
+    glibc may serve smaller blocks from its heap, on pages that are already resident."""
+    nbytes = max(nbytes, _FRESH_MIN_BYTES)
+
+    def fresh(huge: bool) -> float | None:
+        times = []
+        for _ in range(repeats):
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            if huge and not _advise_huge_pages(buf):
+                return None
+            start = timeit.default_timer()
+            buf.fill_(1)
+            times.append(timeit.default_timer() - start)
+            del buf
+        return nbytes / statistics.median(times) / 1e9
+
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf.fill_(0)
+    times = []
+    for _ in range(repeats):
+        start = timeit.default_timer()
+        buf.fill_(1)
+        times.append(timeit.default_timer() - start)
+    del buf
+    return {"bytes": nbytes, "resident": nbytes / statistics.median(times) / 1e9,
+            "fresh_4k": fresh(False), "fresh_huge": fresh(True)}
+
+
 # ----------------------------------------------------------------------------------------
 # Timing and ceilings
 # ----------------------------------------------------------------------------------------
@@ -208,7 +265,7 @@ def warm_heap() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TimerSettings:
-    cpu_min_run_time_s: float  # torch.utils.benchmark blocked_autorange budget per timing
+    cpu_min_run_time_s: float  # least time per block of calls of one contender (timeit)
     gpu_warmup_ms: int  # do_bench warm-up and repetition budgets (milliseconds)
     gpu_rep_ms: int
     copy_bytes: int  # size of each of the two buffers of the copy-bandwidth probe
@@ -241,6 +298,7 @@ class Session:
         self.timer = QUICK_TIMER if quick else FULL_TIMER
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self._copy_gbps: float | None = None
+        self._first_touch: dict[str, Any] | None = None
         self._gemm_tflops: dict[torch.dtype, float] = {}
 
     def time(self, fn: Callable[[], Any]) -> tuple[float, float]:
@@ -319,6 +377,16 @@ class Session:
             self._copy_gbps = 2 * src.nbytes / ms / 1e6
         return self._copy_gbps
 
+    def first_touch(self) -> dict[str, Any] | None:
+        """CPU with the default heap: `first_touch_rates` of a copy-probe-sized buffer, the
+        cost every fresh output pays on top of the kernel; None elsewhere (on a warm heap
+        outputs reuse resident pages; GPU memory comes from torch's caching allocator)."""
+        if self.device != "cpu" or self.heap["applied"]:
+            return None
+        if self._first_touch is None:
+            self._first_touch = first_touch_rates(self.timer.copy_bytes)
+        return self._first_touch
+
     def gemm_rate(self, dtype: torch.dtype = torch.bfloat16) -> float:
         """TFLOP/s of a square torch.matmul at `dtype`: the ceiling for arithmetic-bound ops."""
         if dtype not in self._gemm_tflops:
@@ -351,6 +419,7 @@ class Session:
             "ceilings": {
                 "copy_gbps": self.copy_bandwidth(),
                 "copy_bytes": 2 * self.timer.copy_bytes,
+                "first_touch_gbps": self.first_touch(),
                 "gemm_tflops": {DTYPE_NAMES.get(d, str(d)): r for d, r in self._gemm_tflops.items()},
             },
             "warm_heap": self.heap,
@@ -601,6 +670,14 @@ def render_header(result: dict[str, Any]) -> list[str]:
                 "the kernel zero-fills on first touch; times include that, as users see it "
                 "(--warm-heap isolates the kernels' cost)"
             )
+            touch = ceil.get("first_touch_gbps")
+            if touch:
+                rate = lambda key: "refused" if touch[key] is None else f"{touch[key]:.1f} GB/s"
+                lines.append(
+                    f"first touch (fill_ of a new {touch['bytes'] >> 20} MiB buffer): "
+                    f"{rate('fresh_4k')} with 4 KiB pages, {rate('fresh_huge')} with huge "
+                    f"pages, against {rate('resident')} on resident pages"
+                )
     if result["settings"]["quick"]:
         lines.append("quick run: tiny shapes (unless --shape) and short timings; a smoke test, not a measurement")
     if result["settings"].get("shapes"):

@@ -20,6 +20,10 @@ def test_bench_quick_writes_checked_results(tmp_path):
         result = json.loads(path.read_text())
         assert result["device"]["kind"] == "cpu" and result["device"]["name"]
         assert result["ceilings"]["copy_gbps"] > 0
+        touch = result["ceilings"]["first_touch_gbps"]
+        assert touch["resident"] > 0 and touch["fresh_4k"] > 0, touch
+        assert touch["fresh_huge"] is None or touch["fresh_huge"] > 0, touch
+        assert "first touch (fill_ of a new 64 MiB buffer)" in path.with_suffix(".md").read_text()
         native = [r for r in result["rows"] if r["contender"] == "fastgpt.native"]
         assert {r["variant"] for r in native} == {"fwd", "fwd+residual", "bwd", "bwd+residual"}
         for row in native:
@@ -76,3 +80,14 @@ def test_cpu_timing_interleaves_contenders_and_keeps_failures_apart():
     runs = [name for i, name in enumerate(order) if i == 0 or name != order[i - 1]]
     assert runs[:4] == ["a", "b", "a", "b"] and order.count("b") == 3
     assert order.count("a") >= CPU_ROUNDS + 1
+
+
+def test_first_touch_is_probed_on_the_default_cpu_heap_only():
+    from fastgpt.bench.harness import Session
+
+    warm = {"requested": True, "applied": True, "detail": "test"}
+    assert Session("cpu", quick=True, heap=warm).first_touch() is None
+    assert Session("cuda", quick=True).first_touch() is None
+    touch = Session("cpu", quick=True).first_touch()
+    assert set(touch) == {"bytes", "resident", "fresh_4k", "fresh_huge"}
+    assert touch["bytes"] >= 64 << 20 and touch["resident"] > 0
