@@ -144,9 +144,9 @@ def default_backend() -> Optional[str]:
 # Automatic choice: per device kind, the backends to try in order; `choose` skips one that
 # cannot serve the input (the op's `why_not`: dtype, hidden size).
 # CPU: native first. Measured on the 2-core CI machine at 8192x4096 (bench/results/
-# *-cpu-20261122-012450): 2.4x to 31x eager PyTorch, forward and backward, fp32 and bf16, in a
-# default process. With a warm heap (*-012806), which leaves only the kernels' own cost, native
-# is 1.00x to 10x eager (bf16 LayerNorm forward: a tie). On tiny inputs the custom op's
+# *-cpu-20261122-012450, -024041): 2.2x to 32x eager PyTorch, forward and backward, fp32 and
+# bf16, in a default process. With a warm heap (*-012806, -024341), which leaves only the
+# kernels' own cost, native is 1.00x to 10x eager (bf16 LayerNorm forward: a tie at worst). On tiny inputs the custom op's
 # Python overhead makes eager faster (*-012411, 8x768: 0.2-0.6x); the choice stays native
 # there because inside the op the alternative is the torch fallback, a chain of ops that is
 # slower still. Triton on CPU is the interpreter: never.
