@@ -229,33 +229,32 @@ def first_touch_rates(nbytes: int, repeats: int = 5) -> dict[str, Any]:
     to pages already resident. With the default heap every large output of every contender
     pays the first-touch rate, which is what caps "% copy" below 100 there (on the 2-core CI
     VM: a fresh 128 MiB output costs about as much as reading and writing 128 MiB).
+
     Keys: "bytes" (the buffer's size), "resident", "fresh_4k" (pages as allocated),
-    "fresh_huge" (after MADV_HUGEPAGE; None where refused). Medians of `repeats` fresh buffers. `nbytes` is raised to 64 MiB:
-    glibc may serve smaller blocks from its heap, on pages that are already resident."""
+    "fresh_huge" (after MADV_HUGEPAGE; None where refused); medians over `repeats` writes
+    (each to a new buffer for the fresh rates). `nbytes` is raised to 64 MiB: glibc may serve
+    smaller blocks from its heap, on pages that are already resident.
+    """
     nbytes = max(nbytes, _FRESH_MIN_BYTES)
 
-    def fresh(huge: bool) -> float | None:
+    def rate(buffers: Callable[[], torch.Tensor | None]) -> float | None:
         times = []
         for _ in range(repeats):
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-            if huge and not _advise_huge_pages(buf):
+            buf = buffers()
+            if buf is None:
                 return None
             start = timeit.default_timer()
             buf.fill_(1)
             times.append(timeit.default_timer() - start)
-            del buf
         return nbytes / statistics.median(times) / 1e9
 
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    buf.fill_(0)
-    times = []
-    for _ in range(repeats):
-        start = timeit.default_timer()
-        buf.fill_(1)
-        times.append(timeit.default_timer() - start)
-    del buf
-    return {"bytes": nbytes, "resident": nbytes / statistics.median(times) / 1e9,
-            "fresh_4k": fresh(False), "fresh_huge": fresh(True)}
+    def new(huge: bool) -> torch.Tensor | None:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        return None if huge and not _advise_huge_pages(buf) else buf
+
+    resident = torch.zeros(nbytes, dtype=torch.uint8)
+    return {"bytes": nbytes, "resident": rate(lambda: resident),
+            "fresh_4k": rate(lambda: new(False)), "fresh_huge": rate(lambda: new(True))}
 
 
 # ----------------------------------------------------------------------------------------
