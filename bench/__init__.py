@@ -1,7 +1,8 @@
 """fastgpt benchmarks (installed as ``fastgpt.bench``; run with ``fastgpt bench``).
 
 ``CASES`` maps each case name to its definition; ``harness`` holds the measurement core
-(check, timing, device ceilings, result files) that every case shares.
+(check, timing, device ceilings, result files) that every case shares. ``cpuheap`` (CPU
+heap settings and the first-touch probe) is optional and imported only by runs that ask.
 """
 
 from .harness import (
@@ -12,7 +13,6 @@ from .harness import (
     render_markdown,
     render_table,
     run_case,
-    warm_heap,
     write_results,
 )
 from .layernorm import CASES as _NORM_CASES
@@ -28,6 +28,5 @@ __all__ = [
     "render_markdown",
     "render_table",
     "run_case",
-    "warm_heap",
     "write_results",
 ]

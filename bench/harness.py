@@ -9,8 +9,8 @@ does the rest the same way for every op:
   error may be at most twice eager's own error at that dtype, plus a small floor; a
   mismatch is reported in place of a time;
 - time: CUDA events through ``triton.testing.do_bench`` on the GPU, median of many
-  repetitions, L2 flushed before each one; ``torch.utils.benchmark`` on the CPU, median,
-  with the process's thread count;
+  repetitions, L2 flushed before each one; on the CPU, ``timeit`` blocks of every
+  contender in turn, over several rounds, median, with the process's thread count;
 - relate each time to the work and the device's measured ceilings: bytes moved over the
   measured copy bandwidth, FLOPs over the measured torch.matmul rate (when a case asks);
 - write the result as JSON plus a markdown table, and render both as text.
@@ -18,7 +18,6 @@ does the rest the same way for every op:
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import json
 import platform
@@ -160,104 +159,6 @@ def standard_contenders(
 
 
 # ----------------------------------------------------------------------------------------
-# CPU heap: first-touch page faults
-# ----------------------------------------------------------------------------------------
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_MMAP_MAX = -4
-_INT_MAX = 2**31 - 1
-
-
-def warm_heap() -> dict[str, Any]:
-    """Make glibc's malloc reuse freed large buffers; call before allocating any tensor.
-
-    Why: glibc serves every allocation above its mmap threshold (at most 32 MB when left
-    dynamic) with a fresh mmap and unmaps it on free, and the kernel zero-fills each page
-    at first touch. Every contender allocates its outputs, so a default process pays that
-    on each call: measured here (2-core AMD EPYC), allocating and first-touching a 128 MB
-    tensor costs ~45 ms while copying 128 MB into an existing buffer takes ~7-10 ms, and
-    eager F.layer_norm at 8192x4096 fp32 takes ~45 ms in a default process and ~11.5 ms
-    with a warm heap. Default benchmarks measure what users get; this isolates the
-    kernels' own cost.
-
-    Raises M_TRIM_THRESHOLD (freed memory stays in the heap) and M_MMAP_THRESHOLD (large
-    blocks come from the heap); glibc versions that cap the threshold reject the latter
-    (mallopt returns 0), and then M_MMAP_MAX=0 (no mmap at all) does the same job.
-    Returns {"applied": bool, "detail": str} for the result file.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded in this process
-    except (OSError, AttributeError):
-        return {"applied": False, "detail": "no mallopt in this process's C library"}
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    if mallopt(_M_TRIM_THRESHOLD, _INT_MAX) != 1:
-        return {"applied": False, "detail": "mallopt(M_TRIM_THRESHOLD) rejected"}
-    if mallopt(_M_MMAP_THRESHOLD, _INT_MAX) == 1:
-        return {"applied": True, "detail": "mallopt M_TRIM_THRESHOLD=M_MMAP_THRESHOLD=2^31-1"}
-    if mallopt(_M_MMAP_MAX, 0) == 1:
-        return {"applied": True, "detail": "mallopt M_TRIM_THRESHOLD=2^31-1, M_MMAP_MAX=0"}
-    return {"applied": False, "detail": "mallopt(M_MMAP_THRESHOLD) and mallopt(M_MMAP_MAX) rejected"}
-
-
-_MADV_HUGEPAGE = 14  # Linux
-_HUGE_PAGE = 2 << 20
-_FRESH_MIN_BYTES = 64 << 20  # twice glibc's largest mmap threshold (32 MiB)
-
-
-def _advise_huge_pages(t: torch.Tensor) -> bool:
-    """Ask for transparent huge pages on the whole 2 MiB pages inside t's still-untouched
-    buffer, as the native CPU ops do for their large outputs. False where that is refused."""
-    begin = t.data_ptr()
-    first = (begin + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-    last = (begin + t.nbytes) & ~(_HUGE_PAGE - 1)
-    if last <= first:
-        return False
-    try:
-        madvise = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
-        return False
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    madvise.restype = ctypes.c_int
-    return madvise(first, last - first, _MADV_HUGEPAGE) == 0
-
-
-def first_touch_rates(nbytes: int, repeats: int = 5) -> dict[str, Any]:
-    """GB/s of writing every byte of a buffer (``fill_``) that was just allocated, so that
-    each page is faulted in and zero-filled by the OS on first touch, against the same write
-    to pages already resident. With the default heap every large output of every contender
-    pays the first-touch rate, which is what caps "% copy" below 100 there (on the 2-core CI
-    VM: a fresh 128 MiB output costs about as much as reading and writing 128 MiB).
-
-    Keys: "bytes" (the buffer's size), "resident", "fresh_4k" (pages as allocated),
-    "fresh_huge" (after MADV_HUGEPAGE; None where refused); medians over `repeats` writes
-    (each to a new buffer for the fresh rates). `nbytes` is raised to 64 MiB: glibc may serve
-    smaller blocks from its heap, on pages that are already resident.
-    """
-    nbytes = max(nbytes, _FRESH_MIN_BYTES)
-
-    def rate(buffers: Callable[[], torch.Tensor | None]) -> float | None:
-        times = []
-        for _ in range(repeats):
-            buf = buffers()
-            if buf is None:
-                return None
-            start = timeit.default_timer()
-            buf.fill_(1)
-            times.append(timeit.default_timer() - start)
-        return nbytes / statistics.median(times) / 1e9
-
-    def new(huge: bool) -> torch.Tensor | None:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        return None if huge and not _advise_huge_pages(buf) else buf
-
-    resident = torch.zeros(nbytes, dtype=torch.uint8)
-    return {"bytes": nbytes, "resident": rate(lambda: resident),
-            "fresh_4k": rate(lambda: new(False)), "fresh_huge": rate(lambda: new(True))}
-
-
-# ----------------------------------------------------------------------------------------
 # Timing and ceilings
 # ----------------------------------------------------------------------------------------
 
@@ -283,8 +184,8 @@ class Session:
     measured once (on first use) and shared by every case of the run."""
 
     def __init__(
-        self, device: str, *, quick: bool = False, compile: bool = True, heap: dict | None = None,
-        shapes: Sequence[tuple[int, ...]] | None = None,
+        self, device: str, *, quick: bool = False, compile: bool = True,
+        shapes: Sequence[tuple[int, ...]] | None = None, cpu_heap: dict[str, Any] | None = None,
     ):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -292,12 +193,10 @@ class Session:
         self.quick = quick
         self.shapes = [tuple(s) for s in shapes] if shapes else None  # None: each case's plan
         self.compile = compile
-        # {"requested", "applied", "detail"}: see warm_heap()
-        self.heap = heap or {"requested": False, "applied": False, "detail": "default allocator"}
+        self.cpu_heap = cpu_heap  # cpuheap.setup's record of a CPU run, kept in every result
         self.timer = QUICK_TIMER if quick else FULL_TIMER
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self._copy_gbps: float | None = None
-        self._first_touch: dict[str, Any] | None = None
         self._gemm_tflops: dict[torch.dtype, float] = {}
 
     def time(self, fn: Callable[[], Any]) -> tuple[float, float]:
@@ -376,16 +275,6 @@ class Session:
             self._copy_gbps = 2 * src.nbytes / ms / 1e6
         return self._copy_gbps
 
-    def first_touch(self) -> dict[str, Any] | None:
-        """CPU with the default heap: `first_touch_rates` of a copy-probe-sized buffer, the
-        cost every fresh output pays on top of the kernel; None elsewhere (on a warm heap
-        outputs reuse resident pages; GPU memory comes from torch's caching allocator)."""
-        if self.device != "cpu" or self.heap["applied"]:
-            return None
-        if self._first_touch is None:
-            self._first_touch = first_touch_rates(self.timer.copy_bytes)
-        return self._first_touch
-
     def gemm_rate(self, dtype: torch.dtype = torch.bfloat16) -> float:
         """TFLOP/s of a square torch.matmul at `dtype`: the ceiling for arithmetic-bound ops."""
         if dtype not in self._gemm_tflops:
@@ -418,10 +307,9 @@ class Session:
             "ceilings": {
                 "copy_gbps": self.copy_bandwidth(),
                 "copy_bytes": 2 * self.timer.copy_bytes,
-                "first_touch_gbps": self.first_touch(),
                 "gemm_tflops": {DTYPE_NAMES.get(d, str(d)): r for d, r in self._gemm_tflops.items()},
             },
-            "warm_heap": self.heap,
+            "cpu_heap": self.cpu_heap,
             "settings": {
                 "quick": self.quick,
                 "compile": self.compile,
@@ -656,27 +544,10 @@ def render_header(result: dict[str, Any]) -> list[str]:
     ]
     lines += [f"torch.matmul {name}: {rate:.1f} TFLOP/s" for name, rate in ceil["gemm_tflops"].items()]
     lines.append(f"timer: {result['settings']['timer']}")
-    if dev["kind"] == "cpu":
-        heap = result["warm_heap"]
-        if heap["applied"]:
-            lines.append(
-                f"heap: warm ({heap['detail']}): freed buffers are reused, so times exclude "
-                "first-touch page faults of fresh outputs: the kernels' own cost"
-            )
-        else:
-            lines.append(
-                f"heap: default ({heap['detail']}): each output over 32 MB is a fresh mmap that "
-                "the kernel zero-fills on first touch; times include that, as users see it "
-                "(--warm-heap isolates the kernels' cost)"
-            )
-            touch = ceil.get("first_touch_gbps")
-            if touch:
-                rate = lambda key: "refused" if touch[key] is None else f"{touch[key]:.1f} GB/s"
-                lines.append(
-                    f"first touch (fill_ of a new {touch['bytes'] >> 20} MiB buffer): "
-                    f"{rate('fresh_4k')} with 4 KiB pages, {rate('fresh_huge')} with huge "
-                    f"pages, against {rate('resident')} on resident pages"
-                )
+    if result.get("cpu_heap"):  # CPU runs: what the optional cpuheap module set up
+        from .cpuheap import describe
+
+        lines += describe(result["cpu_heap"])
     if result["settings"]["quick"]:
         lines.append("quick run: tiny shapes (unless --shape) and short timings; a smoke test, not a measurement")
     if result["settings"].get("shapes"):
@@ -769,6 +640,5 @@ __all__ = [
     "shape_label",
     "standard_contenders",
     "versions",
-    "warm_heap",
     "write_results",
 ]

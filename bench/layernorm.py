@@ -1,9 +1,11 @@
 """Benchmark cases `layernorm` and `rmsnorm`: one parametrised definition, two instances.
 
-Variants: fwd (y = norm(x)), fwd+residual (h = x + r; (norm(h), h) in one pass), and the
-backward of each (bwd, bwd+residual: only torch.autograd.grad is timed). Weights (and the
-LayerNorm bias) have x's dtype, as in a model stored in that dtype. The ops are memory
-bound, so the work is bytes only and the ceiling is the measured copy bandwidth.
+Variants: fwd (y = norm(x)), fwd+grad (the same forward on inputs that require grad: what a
+training step's forward costs, autograd recording its graph included; only the forward is
+timed), fwd+residual (h = x + r; (norm(h), h) in one pass), and the backward of each fused
+forward (bwd, bwd+residual: only torch.autograd.grad is timed). Weights (and the LayerNorm
+bias) have x's dtype, as in a model stored in that dtype. The ops are memory bound, so the
+work is bytes only and the ceiling is the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -18,16 +20,30 @@ import fastgpt
 
 from .harness import Contender, Problem, Workload, standard_contenders
 
-VARIANTS = ("fwd", "fwd+residual", "bwd", "bwd+residual")
+VARIANTS = ("fwd", "fwd+grad", "fwd+residual", "bwd", "bwd+residual")
+BANDWIDTH_VARIANTS = ("fwd", "fwd+residual", "bwd", "bwd+residual")
+CALL_VARIANTS = ("fwd", "fwd+grad")  # where a call's fixed cost is most of its time
 
-# Default problems per device: {dtype: [(rows, hidden), ...]}. CPU: the issue's target
-# shape. GPU: bf16 at hidden 4096 and 8192 with enough rows that each activation (128 MB)
-# is over twice the L2 (H100 50 MB, H200 60 MB), plus fp32 at hidden 4096.
-SHAPES = {
-    "cpu": {torch.float32: [(8192, 4096)], torch.bfloat16: [(8192, 4096)]},
-    "cuda": {torch.bfloat16: [(16384, 4096), (8192, 8192)], torch.float32: [(16384, 4096)]},
+# Default plan per device: rows of (dtype, (rows, hidden), variants). CPU: the foundation
+# issue's bandwidth target, and the call-overhead target, a decode step (8 x 768 fp32): a
+# fastgpt forward within 2x of eager's, with and without requires_grad. fwd+grad is left
+# out of the large rows: there autograd's bookkeeping (microseconds) is lost in a kernel of
+# tens of milliseconds, and each row costs the sweep a torch.compile and seconds of timing
+# per contender. GPU: bf16 at hidden 4096 and 8192 with enough rows that each activation
+# (128 MB) is over twice the L2 (H100 50 MB, H200 60 MB), plus fp32 at hidden 4096.
+PLAN = {
+    "cpu": [
+        (torch.float32, (8192, 4096), BANDWIDTH_VARIANTS),
+        (torch.bfloat16, (8192, 4096), BANDWIDTH_VARIANTS),
+        (torch.float32, (8, 768), CALL_VARIANTS),
+    ],
+    "cuda": [
+        (torch.bfloat16, (16384, 4096), BANDWIDTH_VARIANTS),
+        (torch.bfloat16, (8192, 8192), BANDWIDTH_VARIANTS),
+        (torch.float32, (16384, 4096), BANDWIDTH_VARIANTS),
+    ],
 }
-QUICK_SHAPES = [(64, 256)]  # --quick: a smoke test of the whole path in seconds
+QUICK_SHAPES = [(64, 256)]  # --quick: a smoke test of the whole path (every variant) in seconds
 
 
 def _layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -61,17 +77,19 @@ class NormCase:
             if len(shape) != 2 or min(shape) < 1:
                 raise ValueError(f"{self.name} takes shapes ROWSxHIDDEN with both >= 1, got "
                                  f"{'x'.join(map(str, shape))}")
-        plan = SHAPES[device]
-        # A dtype outside the device's plan is run at the plan's first dtype's shapes.
-        shapes = {
-            d: list(shapes) if shapes else QUICK_SHAPES if quick else plan.get(d, next(iter(plan.values())))
-            for d in dtypes or plan
-        }
+        plan = PLAN[device]
+        plan_dtypes = list(dict.fromkeys(d for d, _, _ in plan))
+        if shapes or quick:  # the user's shapes, or the smoke test: every variant of each
+            rows = [(d, shape, VARIANTS) for d in dtypes or plan_dtypes for shape in shapes or QUICK_SHAPES]
+        else:  # a dtype outside the device's plan is run at the rows of the plan's first dtype
+            rows = [(d, shape, variants)
+                    for d in dtypes or plan_dtypes
+                    for plan_dtype, shape, variants in plan
+                    if plan_dtype == (d if d in plan_dtypes else plan_dtypes[0])]
         return [
             Problem(variant, shape, dtype, self.bytes(variant, *shape, dtype))
-            for dtype, dtype_shapes in shapes.items()
-            for shape in dtype_shapes
-            for variant in VARIANTS
+            for dtype, shape, variants in rows
+            for variant in variants
         ]
 
     def bytes(self, variant: str, rows: int, hidden: int, dtype: torch.dtype) -> int:
@@ -93,10 +111,11 @@ class NormCase:
         rows, hidden = problem.shape
         generator = torch.Generator(device=device).manual_seed(0)
         backward = problem.variant.startswith("bwd")
+        requires_grad = backward or problem.variant == "fwd+grad"
 
         def randn(*shape: int, scale: float = 1.0, shift: float = 0.0, leaf: bool = True) -> torch.Tensor:
             t = torch.randn(shape, generator=generator, device=device, dtype=problem.dtype)
-            return (t * scale + shift).requires_grad_(backward and leaf)
+            return (t * scale + shift).requires_grad_(requires_grad and leaf)
 
         x = randn(rows, hidden)
         residual = randn(rows, hidden) if problem.variant.endswith("+residual") else None

@@ -2,6 +2,7 @@
 
     pytest bench/test_bench.py                          # small shapes (--quick's)
     FASTGPT_BENCH_FULL=1 pytest bench/test_bench.py     # the CLI's full shapes
+    pytest bench/test_bench.py --benchmark-disable      # checks only, each call run once
 
 One test per case x problem (variant, shape, dtype) x contender: eager PyTorch and each
 fastgpt backend usable on the device (CUDA if available, else CPU). Each fastgpt test
@@ -63,4 +64,5 @@ def test_bench(benchmark, case_name, problem, index):
     benchmark.group = f"{case_name} {problem.label}"
     benchmark.extra_info.update(contender=contenders[index].name, bytes=problem.bytes)
     benchmark(timed)
-    benchmark.extra_info["GB/s"] = problem.bytes / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable: one untimed call
+        benchmark.extra_info["GB/s"] = problem.bytes / benchmark.stats.stats.median / 1e9

@@ -1,7 +1,7 @@
 """The ``fastgpt`` command (also ``python -m fastgpt``).
 
     fastgpt bench [CASE ...] [--device cpu|cuda|auto] [--dtype DTYPE ...] [--shape SHAPE ...]
-                  [--quick] [--warm-heap] [--out DIR] [--no-compile]
+                  [--quick] [--warm-heap | --first-touch] [--out DIR] [--no-compile]
     fastgpt info
     fastgpt profile
 
@@ -19,6 +19,11 @@ import sys
 import torch
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Where `fastgpt bench` writes unless --out says otherwise: ignored by git (.gitignore), so
+# that running a benchmark never dirties a checkout. Results worth keeping are copied into
+# bench/results/ and committed on purpose.
+DEFAULT_OUT = "bench/results/local"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -42,15 +47,19 @@ def _bench(args: argparse.Namespace) -> int:
         except ValueError as exc:
             args.parser.error(f"--shape: {exc}")
 
-    # Before any benchmark tensor exists: the allocator settings only govern later blocks.
-    if not args.warm_heap:
-        heap = {"applied": False, "detail": "default glibc malloc"}
-    elif device == "cpu":
-        heap = bench.warm_heap()
-    else:
-        heap = {"applied": False, "detail": "CPU only; CUDA's caching allocator already reuses memory"}
-    heap["requested"] = args.warm_heap
-    session = bench.Session(device, quick=args.quick, compile=not args.no_compile, heap=heap, shapes=shapes)
+    cpu_heap = None
+    if device == "cpu":
+        # Before any benchmark tensor exists: mallopt only governs later blocks. The flags'
+        # work (mallopt, the probe) runs only when asked; the record is kept either way, so
+        # that a CPU result says which heap its times include.
+        from .bench import cpuheap
+
+        cpu_heap = cpuheap.setup(warm=args.warm_heap, first_touch=args.first_touch)
+    elif args.warm_heap or args.first_touch:
+        flag = "--warm-heap" if args.warm_heap else "--first-touch"
+        args.parser.error(f"{flag}: CPU only (CUDA's caching allocator already reuses memory)")
+    session = bench.Session(device, quick=args.quick, compile=not args.no_compile, shapes=shapes,
+                            cpu_heap=cpu_heap)
     dtypes = [bench.DTYPES[d] for d in dict.fromkeys(args.dtype)] if args.dtype else None
 
     print("\n".join(bench.render_header(session.metadata())) + "\n", flush=True)
@@ -138,9 +147,10 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         type=_shape,
         metavar="SHAPE",
-        help="time these shapes instead of the default plan (repeatable; norms: ROWSxHIDDEN, e.g. 4x768)",
+        help="time these shapes, every variant, instead of the default plan (repeatable; norms: ROWSxHIDDEN, e.g. 4x768)",
     )
-    bench.add_argument(
+    heap = bench.add_mutually_exclusive_group()
+    heap.add_argument(
         "--warm-heap",
         action="store_true",
         help=(
@@ -148,7 +158,19 @@ def _parser() -> argparse.ArgumentParser:
             "first-touching fresh outputs (default: include them, as users see them)"
         ),
     )
-    bench.add_argument("--out", default="bench/results", help="result directory (default: %(default)s)")
+    heap.add_argument(
+        "--first-touch",
+        action="store_true",
+        help="CPU: also measure the write rate to freshly allocated pages, the floor under large outputs",
+    )
+    bench.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=(
+            "result directory (default: %(default)s, ignored by git; "
+            "commit results worth keeping under bench/results/)"
+        ),
+    )
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     bench.set_defaults(handler=_bench, parser=bench)  # usage errors name `fastgpt bench`
 

@@ -2,13 +2,21 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 import fastgpt
 
 
-def _fastgpt(*args, timeout=600):
+def _fastgpt(*args, timeout=600, cwd=None):
     return subprocess.run([sys.executable, "-m", "fastgpt", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def _results(out_dir):
+    return [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
 
 
 def test_bench_quick_writes_checked_results(tmp_path):
@@ -20,15 +28,78 @@ def test_bench_quick_writes_checked_results(tmp_path):
         result = json.loads(path.read_text())
         assert result["device"]["kind"] == "cpu" and result["device"]["name"]
         assert result["ceilings"]["copy_gbps"] > 0
-        touch = result["ceilings"]["first_touch_gbps"]
-        assert touch["resident"] > 0 and touch["fresh_4k"] > 0, touch
-        assert touch["fresh_huge"] is None or touch["fresh_huge"] > 0, touch
-        assert "first touch (fill_ of a new 64 MiB buffer)" in path.with_suffix(".md").read_text()
+        # The heap is recorded, but neither changed nor probed unless asked.
+        heap = result["cpu_heap"]
+        assert not heap["requested"] and not heap["applied"] and heap["first_touch_gbps"] is None, heap
         native = [r for r in result["rows"] if r["contender"] == "fastgpt.native"]
-        assert {r["variant"] for r in native} == {"fwd", "fwd+residual", "bwd", "bwd+residual"}
+        assert {r["variant"] for r in native} == {"fwd", "fwd+grad", "fwd+residual", "bwd", "bwd+residual"}
         for row in native:
             assert row["status"] == "ok" and row["ms"] > 0 and row["bytes"] > 0, row
-        assert path.with_suffix(".md").exists()
+            assert row["speedup"]["torch.eager"] > 0, row
+        md = path.with_suffix(".md").read_text()
+        assert "heap: default" in md and "first touch (" not in md
+
+
+def test_bench_writes_to_an_ignored_folder_by_default(tmp_path):
+    from fastgpt.cli import DEFAULT_OUT
+
+    proc = _fastgpt("bench", "rmsnorm", "--quick", "--no-compile", "--device", "cpu",
+                    "--dtype", "fp32", "--shape", "1x5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / DEFAULT_OUT).glob("rmsnorm-cpu-*.json")), proc.stdout[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DEFAULT_OUT.split("/")[0]]
+    # The same folder inside this checkout is ignored by git, so a run leaves it clean.
+    repo = Path(__file__).resolve().parent.parent
+    ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", f"{DEFAULT_OUT}/x.json"])
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0, f"{DEFAULT_OUT} is not ignored by git"
+
+
+def test_bench_heap_flags(tmp_path):
+    args = ("bench", "rmsnorm", "--quick", "--no-compile", "--device", "cpu", "--dtype", "fp32",
+            "--shape", "1x5")
+    proc = _fastgpt(*args, "--first-touch", "--out", str(tmp_path / "touch"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = _results(tmp_path / "touch")
+    touch = result["cpu_heap"]["first_touch_gbps"]
+    assert touch["bytes"] >= 64 << 20 and touch["resident"] > 0 and touch["fresh_4k"] > 0, touch
+    assert touch["fresh_huge"] is None or touch["fresh_huge"] > 0, touch
+    assert "first touch (fill_ of a new" in proc.stdout
+
+    proc = _fastgpt(*args, "--warm-heap", "--out", str(tmp_path / "warm"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = _results(tmp_path / "warm")
+    heap = result["cpu_heap"]
+    assert heap["requested"] and heap["applied"] and heap["first_touch_gbps"] is None, heap
+    assert "heap: warm" in proc.stdout
+
+    # A warm heap has no fresh pages to probe.
+    assert _fastgpt(*args, "--warm-heap", "--first-touch").returncode == 2
+
+
+def test_fwd_grad_records_autograd_and_times_only_the_forward():
+    from fastgpt.bench import CASES
+    from fastgpt.bench.harness import Problem
+
+    case = CASES["layernorm"]
+    for variant, records in (("fwd", False), ("fwd+grad", True)):
+        problem = Problem(variant, (8, 768), torch.float32, case.bytes(variant, 8, 768, torch.float32))
+        workload = case.workload(problem, "cpu")
+        assert workload.grad_outputs is None  # timed: the forward call alone
+        for contender in case.contenders(problem, "cpu", compile=False):
+            out = workload.runner(contender.fn)()
+            assert (out.grad_fn is not None) == records, (variant, contender.name)
+
+
+def test_default_cpu_plan_times_fwd_grad_on_the_decode_row_only():
+    from fastgpt.bench import CASES
+
+    for case in CASES.values():
+        problems = case.problems("cpu", None, quick=False)
+        grad = {(p.shape, p.dtype) for p in problems if p.variant == "fwd+grad"}
+        assert grad == {((8, 768), torch.float32)}, case.name
+        assert {p.variant for p in problems if p.shape == (8, 768)} == {"fwd", "fwd+grad"}
 
 
 def test_bench_shape_replaces_the_plan(tmp_path):
@@ -80,14 +151,3 @@ def test_cpu_timing_interleaves_contenders_and_keeps_failures_apart():
     runs = [name for i, name in enumerate(order) if i == 0 or name != order[i - 1]]
     assert runs[:4] == ["a", "b", "a", "b"] and order.count("b") == 3
     assert order.count("a") >= CPU_ROUNDS + 1
-
-
-def test_first_touch_is_probed_on_the_default_cpu_heap_only():
-    from fastgpt.bench.harness import Session
-
-    warm = {"requested": True, "applied": True, "detail": "test"}
-    assert Session("cpu", quick=True, heap=warm).first_touch() is None
-    assert Session("cuda", quick=True).first_touch() is None
-    touch = Session("cpu", quick=True).first_touch()
-    assert set(touch) == {"bytes", "resident", "fresh_4k", "fresh_huge"}
-    assert touch["bytes"] >= 64 << 20 and touch["resident"] > 0
