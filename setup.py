@@ -1,22 +1,174 @@
 """Build fastgpt and its C++/CUDA extension ``fastgpt._C``.
 
 The C++ CPU kernels are always built. The CUDA kernels are added when the installed torch
-has CUDA and nvcc is found (CUDA_HOME), unless ``FASTGPT_CUDA=0``. Target architectures come
-from ``FASTGPT_CUDA_ARCHS`` (semicolon or comma separated, default ``90a``); ``MAX_JOBS`` caps
-the parallel compile jobs (torch's BuildExtension reads it).
+has CUDA and nvcc is found (CUDA_HOME), unless ``FASTGPT_CUDA=0``. ``MAX_JOBS`` caps the
+parallel compile jobs (torch's BuildExtension reads it).
 
-Build with ``pip install --no-build-isolation --no-deps -e .``: the build needs the torch that
-will run the extension, never one downloaded into an isolated build environment.
+CUDA target architectures (torch's syntax: ``8.0;8.6;9.0+PTX``, ``;`` or space separated;
+``9.0a`` names an arch-specific target, ``+PTX`` adds PTX for that architecture):
+
+* ``FASTGPT_CUDA_ARCHS``, when set, is built exactly as written (e.g. ``9.0a`` for a quick
+  H100-only build); entries below compute capability 8.0 are refused.
+* Otherwise the architectures of the installed torch: ``TORCH_CUDA_ARCH_LIST`` when set, else
+  those torch itself was compiled for, else (a torch without CUDA) those of the torch 2.11
+  cu130 wheels, ``FALLBACK_ARCHS`` below. From that list entries below 8.0 are dropped (with a
+  message), the newest architecture also gets PTX (a GPU newer than all of them JIT-compiles
+  it), and 9.0a is added beside 9.0 (Hopper-only kernels).
+
+The list built reaches the C++ code as the string macro ``FASTGPT_CUDA_ARCHS``
+(``"8.0;8.6;9.0;9.0a;10.0;12.0+PTX"``: one entry per SASS target, ``+PTX`` where PTX is
+embedded; ``""`` in a CPU-only build), which the extension reports at run time.
+
+Build with ``pip install --no-build-isolation --no-deps -e .``: the extension must be compiled
+against the torch that will run it, never one downloaded into an isolated build environment
+(pyproject.toml deliberately does not list torch as a build requirement).
 """
 import glob
 import os
 import re
 import shutil
 import subprocess
+import sys
+from typing import NamedTuple
 
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Oldest architecture built. The attention and GEMM kernels to come use cp.async and bf16
+# mma.sync m16n8k16 (both sm_80+) and ldmatrix (sm_75+): an sm_75 or older GPU could not run
+# them, so nothing is built for it (fastgpt then reports CUDA as unavailable on that device).
+MIN_ARCH = (8, 0)
+
+# Used where torch has no CUDA (the CPU torch of the compile-only test suite): the list the
+# torch 2.11 cu130 wheels (the GPU image's torch) are built with, from pytorch's
+# .ci/manywheel/build_cuda.sh, case 13.0: TORCH_CUDA_ARCH_LIST="7.5;8.0;8.6;9.0;10.0;12.0+PTX".
+# sm_86 SASS also runs on 8.9 (L40S, RTX 4090), which is why 8.9 need not be listed.
+FALLBACK_ARCHS = "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
+
+
+class Arch(NamedTuple):
+    """One CUDA target: SASS for sm_<major><minor><suffix>, plus its PTX when ``ptx``."""
+    major: int
+    minor: int
+    suffix: str = ""  # "a" (arch-specific, e.g. wgmma on 9.0a) or "f" (family), else ""
+    ptx: bool = False
+
+    @property
+    def name(self):
+        return f"{self.major}{self.minor}{self.suffix}"
+
+    def __str__(self):
+        return f"{self.major}.{self.minor}{self.suffix}" + ("+PTX" if self.ptx else "")
+
+
+_ARCH_ENTRY = re.compile(r"(\d+)\.?(\d)([af]?)(\+PTX)?")
+
+
+def parse_arch_list(text, source):
+    """Arch entries of a TORCH_CUDA_ARCH_LIST-style string ("8.0;8.6 9.0+PTX"); the dotless
+    form ("80;90a") is accepted too. `source` names the string in the error for a bad entry."""
+    archs = []
+    for entry in re.split(r"[;,\s]+", text.strip()):
+        if not entry:
+            continue
+        m = _ARCH_ENTRY.fullmatch(entry)
+        if m is None:
+            raise ValueError(f"{source}: {entry!r} is not an architecture like 8.6, 9.0a or "
+                             "12.0+PTX (named architectures and 'native' are not supported)")
+        archs.append(Arch(int(m.group(1)), int(m.group(2)), m.group(3), bool(m.group(4))))
+    return archs
+
+
+def torch_arch_list(arch_flags):
+    """torch.cuda.get_arch_list()'s entries ("sm_80", "sm_90a", "compute_90") as a
+    TORCH_CUDA_ARCH_LIST string ("8.0;9.0a;9.0+PTX"): compute_XY is PTX for XY."""
+    entries = []
+    for flag in arch_flags:
+        m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", flag)
+        if m is not None:
+            kind, major, minor, suffix = m.groups()
+            entries.append(f"{major}.{minor}{suffix}" + ("+PTX" if kind == "compute" else ""))
+    return ";".join(entries)
+
+
+def _merged(archs):
+    """Sorted by version, one entry per target (PTX kept where any duplicate asked for it)."""
+    ptx = {}
+    for a in archs:
+        key = a._replace(ptx=False)
+        ptx[key] = ptx.get(key, False) or a.ptx
+    return [key._replace(ptx=p) for key, p in sorted(ptx.items())]
+
+
+class ArchPlan(NamedTuple):
+    archs: list   # what is built, sorted
+    dropped: list  # entries of the default list below MIN_ARCH
+    source: str   # where the list came from
+
+
+def cuda_archs(fastgpt_archs=None, torch_cuda_arch_list=None, torch_built=()):
+    """The CUDA targets to build (a pure function of its arguments, for the tests).
+
+    fastgpt_archs: FASTGPT_CUDA_ARCHS, built exactly as written; torch_cuda_arch_list:
+    TORCH_CUDA_ARCH_LIST; torch_built: torch.cuda.get_arch_list() of the installed torch
+    (empty without CUDA). Blank strings count as unset.
+    """
+    if fastgpt_archs and fastgpt_archs.strip():
+        archs = _merged(parse_arch_list(fastgpt_archs, "FASTGPT_CUDA_ARCHS"))
+        old = [str(a) for a in archs if (a.major, a.minor) < MIN_ARCH]
+        if old:
+            raise ValueError(f"FASTGPT_CUDA_ARCHS: {';'.join(old)} below the minimum "
+                             f"{MIN_ARCH[0]}.{MIN_ARCH[1]} (fastgpt's kernels need sm_80)")
+        if not archs:
+            raise ValueError("FASTGPT_CUDA_ARCHS names no architecture")
+        return ArchPlan(archs, [], "FASTGPT_CUDA_ARCHS")
+    if torch_cuda_arch_list and torch_cuda_arch_list.strip():
+        text, source = torch_cuda_arch_list, "TORCH_CUDA_ARCH_LIST"
+    elif torch_arch_list(torch_built):
+        text, source = torch_arch_list(torch_built), "the installed torch"
+    else:
+        text, source = FALLBACK_ARCHS, "the torch 2.11 cu130 wheels (fallback)"
+    listed = _merged(parse_arch_list(text, source))
+    archs = [a for a in listed if (a.major, a.minor) >= MIN_ARCH]
+    dropped = [a for a in listed if (a.major, a.minor) < MIN_ARCH]
+    plain = [a for a in archs if not a.suffix]
+    if not plain:
+        raise ValueError(f"{source} ({text}) names no architecture of compute capability "
+                         f"{MIN_ARCH[0]}.{MIN_ARCH[1]} or newer")
+    # PTX of the newest plain target: an arch-specific (a/f) PTX would not JIT on a new GPU.
+    archs.append(plain[-1]._replace(ptx=True))
+    if any((a.major, a.minor, a.suffix) == (9, 0, "") for a in archs):
+        archs.append(Arch(9, 0, "a"))
+    return ArchPlan(_merged(archs), dropped, source)
+
+
+def gencode_flags(archs):
+    """nvcc flags for the targets: SASS for each, PTX where asked."""
+    flags = []
+    for a in archs:
+        flags.append(f"-gencode=arch=compute_{a.name},code=sm_{a.name}")
+        if a.ptx:
+            flags.append(f"-gencode=arch=compute_{a.name},code=compute_{a.name}")
+    return flags
+
+
+def nvcc_flags(archs):
+    """Every flag nvcc gets for csrc/cuda/*.cu (the build and tests/test_cuda_build.py)."""
+    # --threads 0: nvcc compiles a file's targets in parallel, one thread per CPU (one .cu
+    # file per op would otherwise compile its targets one after another).
+    return ["-O3", "-lineinfo", "--threads", "0"] + gencode_flags(archs)
+
+
+def archs_macro_flags(archs):
+    """The C++ flag defining FASTGPT_CUDA_ARCHS as a string literal ("8.0;9.0;9.0a+PTX").
+
+    Given unquoted: setuptools' compile passes flags as argv, and torch's ninja build
+    shell-quotes every flag it writes into build.ninja (torch 2.13 here; quoting it again
+    would deliver the quotes to the compiler). tests/test_setup_archs.py builds a probe
+    extension both ways and checks the exact string arrives.
+    """
+    return ['-DFASTGPT_CUDA_ARCHS="{}"'.format(";".join(str(a) for a in archs))]
 
 
 def _nvcc_toolkit_root():
@@ -47,7 +199,18 @@ if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
     if _root is not None:
         os.environ["CUDA_HOME"] = _root
 
-import torch  # noqa: E402
+try:
+    import torch
+except ModuleNotFoundError as _err:
+    if _err.name != "torch":
+        raise
+    # pip's default build isolation runs this file in a fresh environment without torch.
+    sys.exit("fastgpt: torch is not importable while building. fastgpt._C must be compiled "
+             "against the torch that will run it, so the build uses the installed torch and "
+             "never downloads one (torch is deliberately not a build requirement). Install "
+             "torch first, then build without isolation:\n"
+             "    pip install --no-build-isolation .\n"
+             "(editable: pip install --no-build-isolation --no-deps -e .)")
 from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME, BuildExtension, CppExtension, CUDAExtension,
 )
@@ -63,13 +226,31 @@ def _with_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-def _gencode_flags():
-    archs = [a for a in re.split(r"[;,\s]+", os.environ.get("FASTGPT_CUDA_ARCHS", "90a")) if a]
-    flags = []
-    for arch in archs:
-        num = arch.replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-    return flags
+def _torch_built_archs():
+    """The sm_XY / compute_XY targets the installed torch was compiled for ([] without CUDA).
+
+    torch.cuda.get_arch_list() is the public way, but some torch versions answer [] when no
+    GPU is visible (a build machine); the string it splits, torch._C._cuda_getArchFlags(),
+    is compiled into every CUDA build of torch and needs no device.
+    """
+    if torch.version.cuda is None:
+        return []
+    archs = torch.cuda.get_arch_list()
+    if not archs:
+        flags = getattr(torch._C, "_cuda_getArchFlags", lambda: None)()
+        archs = flags.split() if flags else []
+    return archs
+
+
+def _build_archs():
+    """The CUDA targets of this build, from the environment and the installed torch."""
+    plan = cuda_archs(os.environ.get("FASTGPT_CUDA_ARCHS"),
+                      os.environ.get("TORCH_CUDA_ARCH_LIST"), _torch_built_archs())
+    if plan.dropped:
+        print(f"fastgpt: not building for {';'.join(str(a) for a in plan.dropped)} (from "
+              f"{plan.source}): fastgpt's CUDA kernels need compute capability "
+              f"{MIN_ARCH[0]}.{MIN_ARCH[1]} or newer", file=sys.stderr)
+    return plan.archs
 
 
 def _extension():
@@ -82,15 +263,18 @@ def _extension():
     # Sources include each other relative to csrc/ ("cpu/layernorm.h", "cuda/layernorm.h").
     include_dirs = [os.path.join(HERE, "csrc")]
     if not _with_cuda():
+        # FASTGPT_CUDA_ARCHS is "" here: no CUDA targets.
+        cxx_flags += archs_macro_flags([])
         return CppExtension("fastgpt._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
-    nvcc_flags = ["-O3", "-lineinfo"] + _gencode_flags()
+    archs = _build_archs()
     return CUDAExtension(
         "fastgpt._C",
         sources + _rel("csrc/cuda/*.cu"),
         include_dirs=include_dirs,
         define_macros=[("FASTGPT_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags + archs_macro_flags(archs),
+                            "nvcc": nvcc_flags(archs)},
         extra_link_args=["-fopenmp"],
     )
 

@@ -1,12 +1,18 @@
-// The one place torch meets the kernels: op schemas (namespace `fastgpt`), argument
-// checks, output allocation, and the CPU / CUDA implementations that call the raw-pointer
-// kernels in csrc/cpu and csrc/cuda. The Python layer (fastgpt/layernorm.py) adds fake
-// implementations, autograd and backend choice on top of these ops.
+// The one place torch meets the kernels: op schemas (namespace `fastgpt`), argument checks,
+// parameter preparation, output allocation, and the CPU / CUDA implementations that call the
+// raw-pointer kernels in csrc/cpu and csrc/cuda, and autograd. Python (fastgpt/layernorm.py)
+// registers fake (meta) implementations and autocast on these same ops and calls them
+// directly: there is no Python custom op around them.
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "common.h"
 #include "cpu/layernorm.h"
 
 #if defined(__linux__)
@@ -21,113 +27,182 @@
 #include "cuda/layernorm.h"
 #endif
 
+// The CUDA architectures the kernels were compiled for (setup.py), reported to Python so that
+// the "native" backend can refuse a device it has no code for.
+#ifndef FASTGPT_CUDA_ARCHS
+#define FASTGPT_CUDA_ARCHS ""
+#endif
+
 namespace fastgpt {
 namespace {
 
 using at::Tensor;
 using c10::optional;
 
-// Checks a (M, N) operand that shares x's dtype and device and whose rows are contiguous.
-void check_rows(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), "fastgpt: ",
-              name, " must have shape ", x.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastgpt: ", name, " has dtype ",
-              t.scalar_type(), " but x has dtype ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "fastgpt: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fastgpt: ", name,
-              " must be contiguous in its last dimension (got strides ", t.strides(), ")");
+// ------------------------------------------------------------------------------ dtypes
+
+bool to_dtype(at::ScalarType t, DType* out) {
+  switch (t) {
+    case at::kFloat: *out = DType::kFloat32; return true;
+    case at::kHalf: *out = DType::kFloat16; return true;
+    case at::kBFloat16: *out = DType::kBFloat16; return true;
+    case at::kDouble: *out = DType::kFloat64; return true;
+    default: return false;
+  }
 }
 
-// Checks a (N,) parameter (weight, bias) or an (M,) statistic of the given dtype.
-void check_vector(const Tensor& t, const char* name, int64_t n, at::ScalarType dtype,
-                  const Tensor& x) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fastgpt: ", name, " must have shape [", n,
-              "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "fastgpt: ", name, " must have dtype ", dtype,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "fastgpt: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(t.is_contiguous(), "fastgpt: ", name, " must be contiguous");
+const char* dtype_name(DType d) {  // torch's names, so Python can getattr(torch, name)
+  switch (d) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat64: return "float64";
+  }
+  return "";
+}
+
+template <size_t K>
+std::string dtype_names(const DType (&served)[K]) {
+  std::string out;
+  for (const DType d : served) out += (out.empty() ? "" : ",") + std::string(dtype_name(d));
+  return out;
+}
+
+// x's element type, if the kernels of this device serve it.
+template <size_t K>
+DType served_dtype(const Tensor& x, const DType (&served)[K], const char* device) {
+  DType d;
+  const bool ok = to_dtype(x.scalar_type(), &d);
+  bool listed = false;
+  for (const DType s : served) listed = listed || (ok && s == d);
+  TORCH_CHECK(listed, "fastgpt: the native ", device, " norm kernels support ",
+              dtype_names(served), "; x has dtype ", x.scalar_type());
+  return d;
 }
 
 at::ScalarType stats_type(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-const void* ptr_or_null(const optional<Tensor>& t) {
-  return t.has_value() ? t->data_ptr() : nullptr;
+// ------------------------------------------------------------------------------ checks
+
+// (..., N) -> (M, N) with unit column stride: a view whenever the strides allow (a column slice,
+// a broadcast row dimension), else one contiguous copy.
+Tensor rows(const Tensor& t) {
+  const int64_t n = t.size(-1);
+  Tensor r = t.dim() == 2 ? t : t.reshape({-1, n});
+  return r.stride(1) == 1 || n == 1 ? r : r.contiguous();
 }
 
-int64_t row_stride(const Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
+int64_t row_stride(const Tensor& rows2d) {
+  return rows2d.size(0) > 1 ? rows2d.stride(0) : rows2d.size(1);
+}
 
-// Forward operands after checks, with outputs allocated; shared by the CPU and CUDA impls.
-struct NormFwd {
+void check_like_x(const Tensor& t, const char* name, const Tensor& x, bool same_dtype) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "fastgpt: ", name, " must have shape ", x.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(!same_dtype || t.scalar_type() == x.scalar_type(), "fastgpt: ", name,
+              " has dtype ", t.scalar_type(), " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fastgpt: ", name, " is on ", t.device(),
+              " but x is on ", x.device());
+}
+
+void check_hidden(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "fastgpt: ", name,
+              " must have a hidden (last) dimension of size >= 1, got shape ", x.sizes());
+  // A row of no elements has no mean or variance; the Python API refuses it too, rather
+  // than return statistics that mean nothing.
+}
+
+// A weight or bias: (N,), x's device, any floating dtype and any strides.
+void check_param(const optional<Tensor>& p, const char* name, const Tensor& x) {
+  if (!p) return;
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(-1), "fastgpt: ", name, " must have shape [",
+              x.size(-1), "], got ", p->sizes());
+  TORCH_CHECK(at::isFloatingType(p->scalar_type()), "fastgpt: ", name,
+              " must be floating point, got ", p->scalar_type());
+  TORCH_CHECK(p->device() == x.device(), "fastgpt: ", name, " is on ", p->device(),
+              " but x is on ", x.device());
+}
+
+// What the kernels read of a weight or bias: N contiguous elements of `dtype` (a no-op for a
+// contiguous parameter already of that dtype; otherwise N elements are copied, which is cheap
+// next to the M x N activation and lets every kernel assume one layout).
+optional<Tensor> param_as(const optional<Tensor>& p, at::ScalarType dtype) {
+  if (!p) return p;
+  return p->to(dtype).contiguous();
+}
+
+void check_stats(const Tensor& t, const char* name, const Tensor& src) {
+  const int64_t m = src.numel() / src.size(-1);
+  TORCH_CHECK(t.numel() == m && t.scalar_type() == stats_type(src) && t.device() == src.device(),
+              "fastgpt: ", name, " must hold ", m, " ", stats_type(src), " values on ",
+              src.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+}
+
+const void* ptr_or_null(const optional<Tensor>& t) { return t ? t->data_ptr() : nullptr; }
+
+void* data_if(const Tensor& t, bool wanted) { return wanted ? t.data_ptr() : nullptr; }
+
+// ------------------------------------------------------------------- shared preparation
+
+// Forward operands after checks, outputs allocated in x's shape (y, h) and x's leading shape
+// (mean, rstd). The op's outputs may not alias its inputs, so "no h" / "no mean" are empty.
+struct Fwd {
+  Tensor x2, r2;  // (M, N) rows of x and residual
   Tensor y, h, mean, rstd;
 };
 
-NormFwd prepare_fwd(const Tensor& x, const optional<Tensor>& weight,
-                    const optional<Tensor>& bias, const optional<Tensor>& residual, double eps,
-                    bool rms) {
-  TORCH_CHECK(x.dim() == 2, "fastgpt: x must be 2-D (rows, hidden), got ", x.sizes());
-  // A row of no elements has no mean or variance (torch makes its rstd NaN); the Python API
-  // rejects it too, rather than return statistics that mean nothing.
-  TORCH_CHECK(x.size(1) >= 1, "fastgpt: x must have a hidden size >= 1, got ", x.sizes());
-  check_rows(x, "x", x);
+Fwd prepare_fwd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+                const optional<Tensor>& residual, double eps, bool rms) {
+  check_hidden(x, "x");
   TORCH_CHECK(eps > 0, "fastgpt: eps must be > 0, got ", eps);
-  TORCH_CHECK(!(rms && bias.has_value()), "fastgpt: rms_norm takes no bias");
-  const int64_t M = x.size(0), N = x.size(1);
-  if (weight) check_vector(*weight, "weight", N, x.scalar_type(), x);
-  if (bias) check_vector(*bias, "bias", N, x.scalar_type(), x);
-  if (residual) check_rows(*residual, "residual", x);
+  check_param(weight, "weight", x);
+  check_param(bias, "bias", x);
+  if (residual) check_like_x(*residual, "residual", x, /*same_dtype=*/true);
+  const auto lead = x.sizes().slice(0, x.dim() - 1);
   const auto stats = x.options().dtype(stats_type(x));
-  NormFwd out;
-  out.y = at::empty({M, N}, x.options());
-  // The op's outputs may not alias its inputs, so "no h" is an empty tensor, not x.
-  out.h = residual ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
-  out.mean = rms ? at::empty({0}, stats) : at::empty({M}, stats);
-  out.rstd = at::empty({M}, stats);
-  return out;
+  Fwd f;
+  f.x2 = rows(x);
+  if (residual) f.r2 = rows(*residual);
+  f.y = at::empty(x.sizes(), x.options());
+  f.h = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  f.mean = rms ? at::empty({0}, stats) : at::empty(lead, stats);
+  f.rstd = at::empty(lead, stats);
+  return f;
 }
 
-struct NormBwd {
+struct Bwd {
+  Tensor dy2, dh2, src2;  // (M, N); dy and dh contiguous
   Tensor dx, dweight, dbias;
 };
 
-NormBwd prepare_bwd(const Tensor& dy, const optional<Tensor>& dh, const Tensor& src,
-                    const optional<Tensor>& weight, const optional<Tensor>& mean,
-                    const Tensor& rstd, bool rms, bool need_dweight, bool need_dbias) {
-  TORCH_CHECK(src.dim() == 2, "fastgpt: src must be 2-D (rows, hidden), got ", src.sizes());
-  TORCH_CHECK(src.size(1) >= 1, "fastgpt: src must have a hidden size >= 1, got ", src.sizes());
-  check_rows(src, "src", src);
-  check_rows(dy, "dy", src);
-  TORCH_CHECK(dy.is_contiguous(), "fastgpt: dy must be contiguous");
-  if (dh) {
-    check_rows(*dh, "dh", src);
-    TORCH_CHECK(dh->is_contiguous(), "fastgpt: dh must be contiguous");
-  }
-  const int64_t M = src.size(0), N = src.size(1);
-  if (weight) check_vector(*weight, "weight", N, src.scalar_type(), src);
-  check_vector(rstd, "rstd", M, stats_type(src), src);
-  if (!rms) {
-    TORCH_CHECK(mean.has_value(), "fastgpt: layer norm backward needs mean");
-    check_vector(*mean, "mean", M, stats_type(src), src);
-  }
-  TORCH_CHECK(!(rms && need_dbias), "fastgpt: rms_norm has no bias gradient");
+Bwd prepare_bwd(const Tensor& dy, const optional<Tensor>& dh, const Tensor& src,
+                const optional<Tensor>& weight, const optional<Tensor>& mean, const Tensor& rstd,
+                bool need_dweight, bool need_dbias) {
+  check_hidden(src, "src");
+  check_like_x(dy, "dy", src, /*same_dtype=*/true);
+  if (dh) check_like_x(*dh, "dh", src, /*same_dtype=*/true);
+  check_param(weight, "weight", src);
+  check_stats(rstd, "rstd", src);
+  if (mean) check_stats(*mean, "mean", src);
+  const int64_t n = src.size(-1);
   const auto stats = src.options().dtype(stats_type(src));
-  NormBwd out;
-  out.dx = at::empty({M, N}, src.options());
-  out.dweight = need_dweight ? at::empty({N}, stats) : at::empty({0}, stats);
-  out.dbias = need_dbias ? at::empty({N}, stats) : at::empty({0}, stats);
-  if (M == 0) {
+  Bwd b;
+  b.src2 = rows(src);
+  b.dy2 = dy.reshape({-1, n}).contiguous();
+  if (dh) b.dh2 = dh->reshape({-1, n}).contiguous();
+  b.dx = at::empty(src.sizes(), src.options());
+  // In the statistics dtype; autograd casts them to the parameter's dtype.
+  b.dweight = need_dweight ? at::empty({n}, stats) : at::empty({0}, stats);
+  b.dbias = need_dbias ? at::empty({n}, stats) : at::empty({0}, stats);
+  if (b.src2.size(0) == 0) {
     // Sums over zero rows are zero, and the kernels are not launched for empty inputs.
-    out.dweight.zero_();
-    out.dbias.zero_();
+    b.dweight.zero_();
+    b.dbias.zero_();
   }
-  return out;
+  return b;
 }
-
-void* data_if(const Tensor& t, bool wanted) { return wanted ? t.data_ptr() : nullptr; }
 
 // ---------------------------------------------------------------------------------- CPU
 
@@ -149,167 +224,334 @@ void advise_huge_pages(const Tensor& t) {
 #endif
 }
 
-cpu::NormDType cpu_dtype(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return cpu::NormDType::kFloat32;
-    case at::kDouble: return cpu::NormDType::kFloat64;
-    case at::kBFloat16: return cpu::NormDType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "fastgpt: the native CPU kernels support float32, float64 and bfloat16;"
-                         " x has dtype ", x.scalar_type());
-  }
+// The CPU kernels read weight and bias in the statistics type (float, double for double x).
+void fwd_cpu(Fwd& f, const optional<Tensor>& weight, const optional<Tensor>& bias,
+             const optional<Tensor>& residual, double eps, bool rms) {
+  const DType dtype = served_dtype(f.x2, cpu::kNormDTypes, "CPU");
+  const auto w = param_as(weight, stats_type(f.x2));
+  const auto b = param_as(bias, stats_type(f.x2));
+  advise_huge_pages(f.y);
+  advise_huge_pages(f.h);
+  if (f.x2.size(0) == 0) return;
+  cpu::norm_fwd(dtype, rms, f.x2.data_ptr(), row_stride(f.x2), residual ? f.r2.data_ptr() : nullptr,
+                residual ? row_stride(f.r2) : 0, ptr_or_null(w), ptr_or_null(b), f.y.data_ptr(),
+                data_if(f.h, residual.has_value()), data_if(f.mean, !rms), f.rstd.data_ptr(),
+                f.x2.size(0), f.x2.size(1), eps);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cpu(const Tensor& x,
-                                                        const optional<Tensor>& weight,
-                                                        const optional<Tensor>& bias,
-                                                        const optional<Tensor>& residual,
-                                                        double eps, bool rms) {
-  const auto dtype = cpu_dtype(x);
-  NormFwd o = prepare_fwd(x, weight, bias, residual, eps, rms);
-  advise_huge_pages(o.y);
-  advise_huge_pages(o.h);
-  if (x.size(0) > 0) {
-    cpu::norm_fwd(dtype, rms, x.data_ptr(), row_stride(x), ptr_or_null(residual),
-                  residual ? row_stride(*residual) : 0, ptr_or_null(weight), ptr_or_null(bias),
-                  o.y.data_ptr(), data_if(o.h, residual.has_value()), data_if(o.mean, !rms),
-                  o.rstd.data_ptr(), x.size(0), x.size(1), eps);
-  }
-  return {o.y, o.h, o.mean, o.rstd};
-}
-
-std::tuple<Tensor, Tensor, Tensor> norm_bwd_cpu(const Tensor& dy, const optional<Tensor>& dh,
-                                                const Tensor& src,
-                                                const optional<Tensor>& weight,
-                                                const optional<Tensor>& mean,
-                                                const Tensor& rstd, bool rms,
-                                                bool need_dweight, bool need_dbias) {
-  const auto dtype = cpu_dtype(src);
-  NormBwd o = prepare_bwd(dy, dh, src, weight, mean, rstd, rms, need_dweight, need_dbias);
-  advise_huge_pages(o.dx);
-  if (src.size(0) > 0) {
-    cpu::norm_bwd(dtype, rms, dy.data_ptr(), ptr_or_null(dh), src.data_ptr(), row_stride(src),
-                  ptr_or_null(weight), rms ? nullptr : mean->data_ptr(), rstd.data_ptr(),
-                  o.dx.data_ptr(), data_if(o.dweight, need_dweight),
-                  data_if(o.dbias, need_dbias), src.size(0), src.size(1));
-  }
-  return {o.dx, o.dweight, o.dbias};
+void bwd_cpu(Bwd& b, const optional<Tensor>& weight, const optional<Tensor>& mean,
+             const Tensor& rstd, bool rms, bool need_dweight, bool need_dbias) {
+  const DType dtype = served_dtype(b.src2, cpu::kNormDTypes, "CPU");
+  const auto w = param_as(weight, stats_type(b.src2));
+  advise_huge_pages(b.dx);
+  if (b.src2.size(0) == 0) return;
+  cpu::norm_bwd(dtype, rms, b.dy2.data_ptr(), b.dh2.defined() ? b.dh2.data_ptr() : nullptr,
+                b.src2.data_ptr(), row_stride(b.src2), ptr_or_null(w),
+                rms ? nullptr : mean->data_ptr(), rstd.data_ptr(), b.dx.data_ptr(),
+                data_if(b.dweight, need_dweight), data_if(b.dbias, need_dbias), b.src2.size(0),
+                b.src2.size(1));
 }
 
 // --------------------------------------------------------------------------------- CUDA
 
 #ifdef FASTGPT_WITH_CUDA
-cuda::NormDType cuda_dtype(const Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return cuda::NormDType::kFloat32;
-    case at::kHalf: return cuda::NormDType::kFloat16;
-    case at::kBFloat16: return cuda::NormDType::kBFloat16;
-    default:
-      TORCH_CHECK(false, "fastgpt: the native CUDA kernels support float32, float16 and "
-                         "bfloat16; x has dtype ", x.scalar_type());
-  }
+// The CUDA kernels read weight and bias in x's dtype when both have it (no conversion, half
+// the bytes of float for 16-bit x), else both in float32 (e.g. fp32 master weights).
+at::ScalarType cuda_param_type(const Tensor& x, const optional<Tensor>& weight,
+                               const optional<Tensor>& bias) {
+  const bool same = (!weight || weight->scalar_type() == x.scalar_type()) &&
+                    (!bias || bias->scalar_type() == x.scalar_type());
+  return same ? x.scalar_type() : at::kFloat;
 }
 
-void check_hidden_cuda(int64_t n) {
-  TORCH_CHECK(n <= cuda::kNormMaxHidden, "fastgpt: the native CUDA kernels support hidden "
-              "size up to ", cuda::kNormMaxHidden, ", got ", n);
+void check_hidden_cuda(const Tensor& x) {
+  TORCH_CHECK(x.size(-1) <= kNormMaxHidden, "fastgpt: the native CUDA norm kernels support "
+              "hidden sizes up to ", kNormMaxHidden, ", got ", x.size(-1));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd_cuda(const Tensor& x,
-                                                         const optional<Tensor>& weight,
-                                                         const optional<Tensor>& bias,
-                                                         const optional<Tensor>& residual,
-                                                         double eps, bool rms) {
-  const auto dtype = cuda_dtype(x);
-  check_hidden_cuda(x.size(-1));
-  const c10::cuda::CUDAGuard guard(x.device());
-  NormFwd o = prepare_fwd(x, weight, bias, residual, eps, rms);
-  if (x.size(0) > 0) {
-    C10_CUDA_CHECK(cuda::norm_fwd(
-        dtype, rms, x.data_ptr(), row_stride(x), ptr_or_null(residual),
-        residual ? row_stride(*residual) : 0, ptr_or_null(weight), ptr_or_null(bias),
-        o.y.data_ptr(), data_if(o.h, residual.has_value()),
-        static_cast<float*>(data_if(o.mean, !rms)), o.rstd.data_ptr<float>(), x.size(0),
-        x.size(1), static_cast<float>(eps), c10::cuda::getCurrentCUDAStream(x.get_device())));
-  }
-  return {o.y, o.h, o.mean, o.rstd};
+void fwd_cuda(Fwd& f, const optional<Tensor>& weight, const optional<Tensor>& bias,
+              const optional<Tensor>& residual, double eps, bool rms) {
+  const DType dtype = served_dtype(f.x2, cuda::kNormDTypes, "CUDA");
+  check_hidden_cuda(f.x2);
+  const at::ScalarType ptype = cuda_param_type(f.x2, weight, bias);
+  DType param_dtype;
+  to_dtype(ptype, &param_dtype);
+  const c10::cuda::CUDAGuard guard(f.x2.device());
+  const auto w = param_as(weight, ptype);
+  const auto b = param_as(bias, ptype);
+  C10_CUDA_CHECK(cuda::norm_fwd(
+      dtype, param_dtype, rms, f.x2.data_ptr(), row_stride(f.x2),
+      residual ? f.r2.data_ptr() : nullptr, residual ? row_stride(f.r2) : 0, ptr_or_null(w),
+      ptr_or_null(b), f.y.data_ptr(), data_if(f.h, residual.has_value()),
+      static_cast<float*>(data_if(f.mean, !rms)), f.rstd.data_ptr<float>(), f.x2.size(0),
+      f.x2.size(1), static_cast<float>(eps), c10::cuda::getCurrentCUDAStream(f.x2.get_device())));
 }
 
-std::tuple<Tensor, Tensor, Tensor> norm_bwd_cuda(const Tensor& dy, const optional<Tensor>& dh,
-                                                 const Tensor& src,
-                                                 const optional<Tensor>& weight,
-                                                 const optional<Tensor>& mean,
-                                                 const Tensor& rstd, bool rms,
-                                                 bool need_dweight, bool need_dbias) {
-  const auto dtype = cuda_dtype(src);
-  check_hidden_cuda(src.size(-1));
-  const c10::cuda::CUDAGuard guard(src.device());
-  NormBwd o = prepare_bwd(dy, dh, src, weight, mean, rstd, rms, need_dweight, need_dbias);
-  const int64_t M = src.size(0), N = src.size(1);
-  if (M > 0) {
-    const size_t ws_bytes = cuda::norm_bwd_workspace_bytes(M, N, need_dweight, need_dbias,
-                                                           src.get_device());
-    // Through the caching allocator: the partial sums are rewritten before they are read.
-    Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)},
-                                 src.options().dtype(at::kByte));
-    C10_CUDA_CHECK(cuda::norm_bwd(
-        dtype, rms, dy.data_ptr(), ptr_or_null(dh), src.data_ptr(), row_stride(src),
-        ptr_or_null(weight), rms ? nullptr : mean->data_ptr<float>(), rstd.data_ptr<float>(),
-        o.dx.data_ptr(), static_cast<float*>(data_if(o.dweight, need_dweight)),
-        static_cast<float*>(data_if(o.dbias, need_dbias)),
-        ws_bytes ? workspace.data_ptr() : nullptr, M, N,
-        c10::cuda::getCurrentCUDAStream(src.get_device())));
-  }
-  return {o.dx, o.dweight, o.dbias};
+void bwd_cuda(Bwd& b, const optional<Tensor>& weight, const optional<Tensor>& mean,
+              const Tensor& rstd, bool rms, bool need_dweight, bool need_dbias) {
+  const DType dtype = served_dtype(b.src2, cuda::kNormDTypes, "CUDA");
+  check_hidden_cuda(b.src2);
+  const at::ScalarType ptype = cuda_param_type(b.src2, weight, c10::nullopt);
+  DType param_dtype;
+  to_dtype(ptype, &param_dtype);
+  const c10::cuda::CUDAGuard guard(b.src2.device());
+  const auto w = param_as(weight, ptype);
+  const int64_t M = b.src2.size(0), N = b.src2.size(1);
+  if (M == 0) return;
+  const size_t ws_bytes =
+      cuda::norm_bwd_workspace_bytes(M, N, need_dweight, need_dbias, b.src2.get_device());
+  // Through the caching allocator: the partial sums are rewritten before they are read.
+  Tensor workspace =
+      at::empty({static_cast<int64_t>(ws_bytes)}, b.src2.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::norm_bwd(
+      dtype, param_dtype, rms, b.dy2.data_ptr(), b.dh2.defined() ? b.dh2.data_ptr() : nullptr,
+      b.src2.data_ptr(), row_stride(b.src2), ptr_or_null(w),
+      rms ? nullptr : mean->data_ptr<float>(), rstd.data_ptr<float>(), b.dx.data_ptr(),
+      static_cast<float*>(data_if(b.dweight, need_dweight)),
+      static_cast<float*>(data_if(b.dbias, need_dbias)), ws_bytes ? workspace.data_ptr() : nullptr,
+      M, N, c10::cuda::getCurrentCUDAStream(b.src2.get_device())));
 }
 #endif  // FASTGPT_WITH_CUDA
 
+// ----------------------------------------------------------------------------- the ops
+
+// One implementation per op and device: Device::fwd / Device::bwd run the kernels on the
+// prepared operands. The fake (meta) implementations that torch.compile and opcheck trace with
+// are registered from Python (fastgpt/layernorm.py), where symbolic shapes come for free.
+struct Cpu {
+  static constexpr auto fwd = &fwd_cpu;
+  static constexpr auto bwd = &bwd_cpu;
+};
+#ifdef FASTGPT_WITH_CUDA
+struct Cuda {
+  static constexpr auto fwd = &fwd_cuda;
+  static constexpr auto bwd = &bwd_cuda;
+};
+#endif
+
+template <class Device>
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm(const Tensor& x,
+                                                      const optional<Tensor>& weight,
+                                                      const optional<Tensor>& bias,
+                                                      const optional<Tensor>& residual,
+                                                      double eps) {
+  Fwd f = prepare_fwd(x, weight, bias, residual, eps, /*rms=*/false);
+  Device::fwd(f, weight, bias, residual, eps, /*rms=*/false);
+  return {f.y, f.h, f.mean, f.rstd};
+}
+
+template <class Device>
+std::tuple<Tensor, Tensor, Tensor> rms_norm(const Tensor& x, const optional<Tensor>& weight,
+                                            const optional<Tensor>& residual, double eps) {
+  Fwd f = prepare_fwd(x, weight, c10::nullopt, residual, eps, /*rms=*/true);
+  Device::fwd(f, weight, c10::nullopt, residual, eps, /*rms=*/true);
+  return {f.y, f.h, f.rstd};
+}
+
+template <class Device>
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& dy, const optional<Tensor>& dh,
+                                                       const Tensor& src,
+                                                       const optional<Tensor>& weight,
+                                                       const Tensor& mean, const Tensor& rstd,
+                                                       bool need_dweight, bool need_dbias) {
+  Bwd b = prepare_bwd(dy, dh, src, weight, mean, rstd, need_dweight, need_dbias);
+  Device::bwd(b, weight, mean, rstd, /*rms=*/false, need_dweight, need_dbias);
+  return {b.dx, b.dweight, b.dbias};
+}
+
+template <class Device>
+std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const optional<Tensor>& dh,
+                                             const Tensor& src, const optional<Tensor>& weight,
+                                             const Tensor& rstd, bool need_dweight) {
+  Bwd b = prepare_bwd(dy, dh, src, weight, c10::nullopt, rstd, need_dweight, false);
+  Device::bwd(b, weight, c10::nullopt, rstd, /*rms=*/true, need_dweight, false);
+  return {b.dx, b.dweight};
+}
+
+template <class Device>
+void register_impls(torch::Library& m) {
+  m.impl("layer_norm", &layer_norm<Device>);
+  m.impl("rms_norm", &rms_norm<Device>);
+  m.impl("layer_norm_backward", &layer_norm_backward<Device>);
+  m.impl("rms_norm_backward", &rms_norm_backward<Device>);
+}
+
+// ----------------------------------------------------------------------------- autograd
+
+// Autograd is registered here, in C++, rather than with torch.library.register_autograd from
+// Python: the Python autograd wrapper cost about 10 us per call without grad and 100 us with
+// (8 x 768 fp32, 2-core CI machine), against about 11 us for all of F.layer_norm. The formula
+// is the one fastgpt/layernorm.py registers on the Triton ops; keep the two alike.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <class Fn>
+auto find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+optional<Tensor> maybe(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }
+
+// What backward needs to know of the forward's inputs, in one saved_data entry (each entry is
+// a hashed std::string key: a handful of them cost microseconds on a decode-sized call).
+enum SavedFlag : int64_t { kResidual = 1, kNeedDweight = 2, kNeedDbias = 4 };
+
+void save_inputs(AutogradContext* ctx, const optional<Tensor>& weight,
+                 const optional<Tensor>& bias, const optional<Tensor>& residual) {
+  const int64_t flags = (residual ? kResidual : 0) |
+                        (weight && weight->requires_grad() ? kNeedDweight : 0) |
+                        (bias && bias->requires_grad() ? kNeedDbias : 0);
+  // Parameter dtypes, for their gradients (the kernels sum in the statistics dtype).
+  const auto dtype = [](const optional<Tensor>& p) {
+    return int64_t(p ? p->scalar_type() : at::kFloat);
+  };
+  ctx->saved_data["inputs"] = std::vector<int64_t>{flags, dtype(weight), dtype(bias)};
+  ctx->set_materialize_grads(false);  // unused outputs (h, often) arrive undefined
+}
+
+struct Saved {
+  int64_t flags;
+  at::ScalarType weight_dtype, bias_dtype;
+  explicit Saved(AutogradContext* ctx) {
+    const auto v = ctx->saved_data["inputs"].toIntVector();
+    flags = v[0];
+    weight_dtype = static_cast<at::ScalarType>(v[1]);
+    bias_dtype = static_cast<at::ScalarType>(v[2]);
+  }
+  bool has(SavedFlag f) const { return flags & f; }
+};
+
+// A parameter's gradient in its own dtype, or undefined when not needed.
+Tensor param_grad(const Tensor& grad, bool needed, at::ScalarType dtype) {
+  return needed ? grad.to(dtype) : Tensor();
+}
+
+struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x,
+                               const optional<Tensor>& weight, const optional<Tensor>& bias,
+                               const optional<Tensor>& residual, double eps) {
+    static const auto op = find_op<decltype(layer_norm<Cpu>)>("fastgpt::layer_norm");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, h, mean, rstd] = op.call(x, weight, bias, residual, eps);
+    save_inputs(ctx, weight, bias, residual);
+    // What was normalised is all backward needs: h with a residual, else x.
+    ctx->save_for_backward({residual ? h : x, weight.value_or(Tensor()), mean, rstd});
+    ctx->mark_non_differentiable({mean, rstd});
+    return {y, h, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        find_op<decltype(layer_norm_backward<Cpu>)>("fastgpt::layer_norm_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Saved in(ctx);
+    const bool res = in.has(kResidual), need_dw = in.has(kNeedDweight), need_db = in.has(kNeedDbias);
+    const Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
+    auto [dx, dw, db] = op.call(dy, res ? maybe(grads[1]) : c10::nullopt, saved[0],
+                                maybe(saved[1]), saved[2], saved[3], need_dw, need_db);
+    return {dx, param_grad(dw, need_dw, in.weight_dtype), param_grad(db, need_db, in.bias_dtype),
+            res ? dx : Tensor(), Tensor()};
+  }
+};
+
+struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x,
+                               const optional<Tensor>& weight, const optional<Tensor>& residual,
+                               double eps) {
+    static const auto op = find_op<decltype(rms_norm<Cpu>)>("fastgpt::rms_norm");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, h, rstd] = op.call(x, weight, residual, eps);
+    save_inputs(ctx, weight, c10::nullopt, residual);
+    ctx->save_for_backward({residual ? h : x, weight.value_or(Tensor()), rstd});
+    ctx->mark_non_differentiable({rstd});
+    return {y, h, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        find_op<decltype(rms_norm_backward<Cpu>)>("fastgpt::rms_norm_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const Saved in(ctx);
+    const bool res = in.has(kResidual), need_dw = in.has(kNeedDweight);
+    const Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
+    auto [dx, dw] = op.call(dy, res ? maybe(grads[1]) : c10::nullopt, saved[0], maybe(saved[1]),
+                            saved[2], need_dw);
+    return {dx, param_grad(dw, need_dw, in.weight_dtype), res ? dx : Tensor(), Tensor()};
+  }
+};
+
+// Whether autograd must record this call. When not (inference, decoding), the kernel runs
+// straight away, without building a graph node.
+bool records(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
+             const optional<Tensor>& residual) {
+  const auto req = [](const optional<Tensor>& t) { return t && t->requires_grad(); };
+  return at::GradMode::is_enabled() &&
+         (x.requires_grad() || req(weight) || req(bias) || req(residual));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& x,
+                                                               const optional<Tensor>& weight,
+                                                               const optional<Tensor>& bias,
+                                                               const optional<Tensor>& residual,
+                                                               double eps) {
+  if (!records(x, weight, bias, residual)) {
+    static const auto op = find_op<decltype(layer_norm<Cpu>)>("fastgpt::layer_norm");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, weight, bias, residual, eps);
+  }
+  const variable_list out = LayerNormFn::apply(x, weight, bias, residual, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_autograd(const Tensor& x,
+                                                     const optional<Tensor>& weight,
+                                                     const optional<Tensor>& residual,
+                                                     double eps) {
+  if (!records(x, weight, c10::nullopt, residual)) {
+    static const auto op = find_op<decltype(rms_norm<Cpu>)>("fastgpt::rms_norm");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, weight, residual, eps);
+  }
+  const variable_list out = RmsNormFn::apply(x, weight, residual, eps);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
+// x: (..., N), any strides (rows are read in place when the last dim is unit-stride); weight
+// and bias: (N,), any floating dtype and strides; residual: x's shape and dtype.
+// Returns y and h in x's shape and dtype (h empty without a residual), and per-row statistics
+// in x's leading shape, float64 for float64 x, else float32 (rms_norm returns no mean).
+// The backward ops return dx (also the residual's gradient) and dweight/dbias in the
+// statistics dtype, empty when not requested.
 TORCH_LIBRARY(fastgpt, m) {
-  // x: (M, N), rows contiguous. Returns (y, h, mean, rstd); h is empty without a residual,
-  // mean is empty when rms. Statistics are float64 for float64 x, float32 otherwise.
-  m.def("norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, "
-        "bool rms) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Returns (dx, dweight, dbias); dweight/dbias are in the statistics dtype, empty when not
-  // requested. dx is also the residual's gradient.
-  m.def("norm_bwd(Tensor dy, Tensor? dh, Tensor src, Tensor? weight, Tensor? mean, "
-        "Tensor rstd, bool rms, bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor? weight, Tensor? residual, float eps) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor dy, Tensor? dh, Tensor src, Tensor? weight, Tensor mean, "
+        "Tensor rstd, bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor? dh, Tensor src, Tensor? weight, Tensor rstd, "
+        "bool need_dweight) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
-  m.impl("norm_fwd", &norm_fwd_cpu);
-  m.impl("norm_bwd", &norm_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) { register_impls<Cpu>(m); }
 
-// Shapes and dtypes only: prepare_* allocates on x's device, which for meta tensors is all the
-// fake-tensor tracing of torch.compile / opcheck needs.
-TORCH_LIBRARY_IMPL(fastgpt, Meta, m) {
-  m.impl("norm_fwd", [](const Tensor& x, const optional<Tensor>& weight,
-                        const optional<Tensor>& bias, const optional<Tensor>& residual,
-                        double eps, bool rms) {
-    NormFwd o = prepare_fwd(x, weight, bias, residual, eps, rms);
-    return std::make_tuple(o.y, o.h, o.mean, o.rstd);
-  });
-  m.impl("norm_bwd", [](const Tensor& dy, const optional<Tensor>& dh, const Tensor& src,
-                        const optional<Tensor>& weight, const optional<Tensor>& mean,
-                        const Tensor& rstd, bool rms, bool need_dweight, bool need_dbias) {
-    NormBwd o = prepare_bwd(dy, dh, src, weight, mean, rstd, rms, need_dweight, need_dbias);
-    return std::make_tuple(o.dx, o.dweight, o.dbias);
-  });
+// The backward ops get no autograd of their own (no double backward).
+TORCH_LIBRARY_IMPL(fastgpt, Autograd, m) {
+  m.impl("layer_norm", &layer_norm_autograd);
+  m.impl("rms_norm", &rms_norm_autograd);
 }
 
 #ifdef FASTGPT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) {
-  m.impl("norm_fwd", &norm_fwd_cuda);
-  m.impl("norm_bwd", &norm_bwd_cuda);
-}
+TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) { register_impls<Cuda>(m); }
 #endif
 
 }  // namespace fastgpt
 
 // `import fastgpt._C` loads this library, which runs the registrations above. The module
-// itself only says whether the CUDA kernels were compiled in.
+// carries what Python must know of the build: whether CUDA kernels are in it and for which
+// architectures, and what each device's norm kernels serve.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "fastgpt native kernels (C++ CPU, CUDA)", -1,
@@ -318,10 +560,17 @@ extern "C" PyObject* PyInit__C(void) {
   if (module == nullptr) return nullptr;
 #ifdef FASTGPT_WITH_CUDA
   const long with_cuda = 1;
+  const std::string cuda_norm_dtypes = fastgpt::dtype_names(fastgpt::cuda::kNormDTypes);
 #else
   const long with_cuda = 0;
+  const std::string cuda_norm_dtypes;
 #endif
-  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+  const std::string cpu_norm_dtypes = fastgpt::dtype_names(fastgpt::cpu::kNormDTypes);
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
+      PyModule_AddStringConstant(module, "CUDA_ARCHS", FASTGPT_CUDA_ARCHS) != 0 ||
+      PyModule_AddIntConstant(module, "NORM_MAX_HIDDEN_CUDA", long(fastgpt::kNormMaxHidden)) != 0 ||
+      PyModule_AddStringConstant(module, "NORM_DTYPES_CPU", cpu_norm_dtypes.c_str()) != 0 ||
+      PyModule_AddStringConstant(module, "NORM_DTYPES_CUDA", cuda_norm_dtypes.c_str()) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

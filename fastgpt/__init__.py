@@ -14,14 +14,13 @@ import torch  # noqa: F401  (fastgpt._C links against torch's libraries: torch l
 
 from . import nn
 from .backends import BackendError, BackendStatus, available_backends, use_backend
-from .layernorm import MAX_HIDDEN, layer_norm, rms_norm
+from .layernorm import layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
     "BackendStatus",
-    "MAX_HIDDEN",
     "available_backends",
     "layer_norm",
     "nn",

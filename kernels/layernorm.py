@@ -32,12 +32,15 @@ hundred rows against the M rows of each input, so torch's `.sum(0)` over it (det
 small launch) is cheap next to the kernel, and a hand-written reduction kernel would buy nothing.
 """
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from .utils import check_rows, check_vector, on_device, sm_count, warps_for
+
+# Element types of x (and of everything shaped like it). weight and bias may have any floating
+# dtype: the kernels load them and convert to the statistics dtype.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # Largest hidden size the op promises and tests (the looped layout has no limit of its own).
 MAX_HIDDEN = 65536
@@ -396,10 +399,9 @@ def _launch_config(n_cols, element_size, backward, block_n=None):
     layout). `block_n` (a power of 2) forces the chunk size; it exists for tests, to run the
     looped layout on small rows.
 
-    num_warps gives each warp 1 KiB of the chunk, i.e. 32 bytes per thread: two 16-byte vector
-    loads per input tensor in flight, and at most 16 elements per thread for 16-bit inputs (8
-    warps for a 4096-wide bf16 row). It is capped at 16 warps, where the largest forward chunk
-    reaches 32 elements per thread (still without spills, above).
+    num_warps gives each warp 1 KiB of the chunk (utils.warps_for), at most 16 elements per
+    thread for 16-bit inputs (8 warps for a 4096-wide bf16 row). It is capped at 16 warps, where
+    the largest forward chunk reaches 32 elements per thread (still without spills, above).
     """
     max_block = _MAX_ROW_BYTES // element_size
     if backward:
@@ -408,14 +410,7 @@ def _launch_config(n_cols, element_size, backward, block_n=None):
         block_n = min(triton.next_power_of_2(n_cols), max_block)
     elif block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of 2, got {block_n}")
-    num_warps = min(max(block_n * element_size // 1024, 1), 16)
-    return block_n, num_warps
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    """SM count of a CUDA device, cached: the property query is too slow for every launch."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return block_n, warps_for(block_n, element_size)
 
 
 def _bwd_row_blocks(n_rows, n_chunks, num_warps, device):
@@ -423,17 +418,12 @@ def _bwd_row_blocks(n_rows, n_chunks, num_warps, device):
     every SM across all column chunks (a few programs under the interpreter), each program a
     contiguous block of rows, and no program left without rows."""
     if device.type == "cuda":
-        target = _sm_count(device.index) * max(_BWD_WARPS_PER_SM // num_warps, 1)
+        target = sm_count(device.index) * max(_BWD_WARPS_PER_SM // num_warps, 1)
         target = triton.cdiv(target, n_chunks)
     else:
         target = _BWD_PROGRAMS_INTERPRETER
     rows_per_program = triton.cdiv(n_rows, min(target, n_rows))
     return rows_per_program, triton.cdiv(n_rows, rows_per_program)
-
-
-def _on_device(t):
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, *, block_n=None):
@@ -442,7 +432,7 @@ def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, *, block_n=None):
     x: (M, N) with x.stride(1) == 1 (any row stride; no copy is made); float32, float16,
        bfloat16 or float64.
     residual: None or (M, N), stride(1) == 1, x's dtype.
-    weight, bias: None or contiguous (N,), x's dtype (bias is None for RMSNorm).
+    weight, bias: None or contiguous (N,), any floating dtype (bias is None for RMSNorm).
     block_n: tests only; forces the chunk size (a power of 2), e.g. to run the looped layout.
 
     Returns (y, h, mean, rstd):
@@ -453,13 +443,18 @@ def norm_fwd(x, weight, bias, residual, eps: float, rms: bool, *, block_n=None):
       rstd: (M,) stats dtype.
     """
     M, N = x.shape
+    check_rows("x", x, (M, N))
+    if residual is not None:
+        check_rows("residual", residual, (M, N), x.dtype)
+    check_vector("weight", weight, N)
+    check_vector("bias", bias, N)
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     h = None if residual is None else torch.empty((M, N), dtype=x.dtype, device=x.device)
     mean = None if rms else torch.empty((M,), dtype=stats_dtype, device=x.device)
     rstd = torch.empty((M,), dtype=stats_dtype, device=x.device)
     BLOCK_N, num_warps = _launch_config(N, x.element_size(), backward=False, block_n=block_n)
-    with _on_device(x):
+    with on_device(x):
         _norm_fwd_kernel[(M,)](
             x, residual, weight, bias, y, h, mean, rstd,
             x.stride(0), 0 if residual is None else residual.stride(0),
@@ -483,7 +478,8 @@ def norm_bwd(
 
     dy: (M, N) contiguous, gradient of y. dh: None or (M, N) contiguous, gradient of h (added
     to dx). src: (M, N) with stride(1) == 1, the tensor that was normalised (h with a residual,
-    else x). weight: None or (N,). mean, rstd: from `norm_fwd` (mean None for RMSNorm).
+    else x). weight: None or contiguous (N,), any floating dtype. mean, rstd: from `norm_fwd`
+    (mean None for RMSNorm).
     block_n: tests only, as in `norm_fwd`.
 
     Returns (dx, dweight, dbias): dx (M, N) contiguous in src's dtype; dweight, dbias (N,) in
@@ -491,6 +487,13 @@ def norm_bwd(
     asked for.
     """
     M, N = src.shape
+    check_rows("src", src, (M, N))
+    check_rows("dy", dy, (M, N), src.dtype, contiguous=True)
+    if dh is not None:
+        check_rows("dh", dh, (M, N), src.dtype, contiguous=True)
+    check_vector("weight", weight, N)
+    check_vector("rstd", rstd, M)
+    check_vector("mean", mean, M)
     stats_dtype = rstd.dtype
     dx = torch.empty((M, N), dtype=src.dtype, device=src.device)
     BLOCK_N, num_warps = _launch_config(N, src.element_size(), backward=True, block_n=block_n)
@@ -504,7 +507,7 @@ def norm_bwd(
     dw_partial = new(programs, N) if need_dweight else None
     db_partial = new(programs, N) if need_dbias else None
     mean_gxhat = mean_g = None
-    with _on_device(src):
+    with on_device(src):
         if not row_in_regs:
             mean_gxhat = new(M)
             mean_g = None if rms else new(M)

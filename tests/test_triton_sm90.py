@@ -40,7 +40,7 @@ def _case_key(op, dtype, hidden, opts):
 def test_every_launch_variant_compiles_for_sm90(compiled):
     expected = {_case_key(op, dt, n, opts) for dt, n, op, opts in triton_sm90._cases()}
     seen = {_case_key(r["op"], r["dtype"], r["hidden"],
-                      {k: r[k] for k in ("rms", "residual", "dh", "affine") if k in r})
+                      {k: r[k] for k in ("rms", "residual", "dh", "affine", "params_fp32") if k in r})
             for r in compiled}
     assert seen == expected
     assert {r["arch"] for r in compiled} == {90}

@@ -41,6 +41,10 @@ LIGHT = (("fwd", dict(rms=True, residual=False, affine=True)),
          ("bwd", dict(rms=True, dh=False, affine=True)),
          ("bwd", dict(rms=False, dh=False, affine=False)))
 LIGHT_HIDDEN = (768, 65536)
+# Mixed precision: float32 weight and bias beside 16-bit x (the kernels load them as they are).
+MIXED = tuple((op, dict(opts, params_fp32=True)) for op, opts in FULL)
+MIXED_DTYPES = ("fp16", "bf16")
+MIXED_HIDDEN = (4096, 8192, 65536)
 
 
 class _Sm90Driver:
@@ -87,14 +91,19 @@ def _cases():
         for n in LIGHT_HIDDEN:
             for op, opts in LIGHT:
                 yield dtype_name, n, op, opts
+        if dtype_name in MIXED_DTYPES:
+            for n in MIXED_HIDDEN:
+                for op, opts in MIXED:
+                    yield dtype_name, n, op, opts
 
 
 def _launch(kernels, dtype, n, op, opts):
     rows = 8
     x = torch.randn(rows, n, dtype=dtype)
-    weight = torch.ones(n, dtype=dtype) if opts["affine"] else None
+    param_dtype = torch.float32 if opts.get("params_fp32") else dtype
+    weight = torch.ones(n, dtype=param_dtype) if opts["affine"] else None
     if op == "fwd":
-        bias = torch.zeros(n, dtype=dtype) if opts["affine"] and not opts["rms"] else None
+        bias = torch.zeros(n, dtype=param_dtype) if opts["affine"] and not opts["rms"] else None
         residual = torch.randn(rows, n, dtype=dtype) if opts["residual"] else None
         kernels.norm_fwd(x, weight, bias, residual, 1e-5, opts["rms"])
     else:

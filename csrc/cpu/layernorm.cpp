@@ -322,12 +322,14 @@ inline void with_flag(bool flag, const F& f) {
   }
 }
 
+// The glue only passes the types in kNormDTypes.
 template <class F>
-inline void with_elem_type(NormDType dtype, const F& f) {
+inline void with_elem_type(DType dtype, const F& f) {
   switch (dtype) {
-    case NormDType::kFloat32: return f(float{});
-    case NormDType::kFloat64: return f(double{});
-    case NormDType::kBFloat16: return f(bf16_bits{});
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kBFloat16: return f(bf16_bits{});
+    case DType::kFloat16: break;
   }
 }
 
@@ -360,8 +362,8 @@ struct FwdArgs {
   int64_t x_stride;
   const T* res;
   int64_t res_stride;
-  const T* w;
-  const T* b;
+  const S* w;  // parameters in the stats type (fp32 master weights read as they are)
+  const S* b;
   T* y;
   T* h;
   S* mean;
@@ -376,8 +378,8 @@ FASTGPT_SIMD_CLONES void fwd_rows(const FwdArgs<T>& a, int64_t row_begin, int64_
   using E = Elem<T>;
   using S = typename E::S;
   const int64_t N = a.N;
-  const T* __restrict w = a.w;
-  const T* __restrict b = a.b;
+  const S* __restrict w = a.w;
+  const S* __restrict b = a.b;
   // With a residual and streaming stores, h is formed in a row of scratch that stays in
   // cache and is streamed out after pass 2: h itself cannot be read back once streamed.
   AlignedBuffer<T> scratch = kRes && a.stream ? aligned_buffer<T>(N) : nullptr;
@@ -423,8 +425,8 @@ FASTGPT_SIMD_CLONES void fwd_rows(const FwdArgs<T>& a, int64_t row_begin, int64_
       S v = E::load(src[j]);
       if constexpr (!kRms) v -= mean;
       v *= rstd;
-      if constexpr (kW) v *= E::load(w[j]);
-      if constexpr (kB) v += E::load(b[j]);
+      if constexpr (kW) v *= w[j];
+      if constexpr (kB) v += b[j];
       return E::store(v);
     });
     if (kRes && a.stream) stream_out(h_out, h, N);
@@ -441,7 +443,7 @@ struct BwdArgs {
   const T* dh;
   const T* src;
   int64_t src_stride;
-  const T* w;
+  const S* w;
   const S* mean;
   const S* rstd;
   T* dx;
@@ -459,7 +461,7 @@ FASTGPT_SIMD_CLONES void bwd_rows(const BwdArgs<T>& a, int64_t row_begin, int64_
   using S = typename E::S;
   const int64_t N = a.N;
   const S inv_n = S(1) / S(N);
-  const T* __restrict w = a.w;
+  const S* __restrict w = a.w;
   for (int64_t i = row_begin; i < row_end; ++i) {
     const T* __restrict src = a.src + i * a.src_stride;
     const T* __restrict dy = a.dy + i * N;
@@ -473,7 +475,7 @@ FASTGPT_SIMD_CLONES void bwd_rows(const BwdArgs<T>& a, int64_t row_begin, int64_
     };
     const auto g = [&](int64_t j) {
       const S d = E::load(dy[j]);
-      return kW ? d * E::load(w[j]) : d;
+      return kW ? d * w[j] : d;
     };
     // Pass 1 (reads src and dy from DRAM): mean(g * xhat), and mean(g) for LN.
     constexpr int kSums = kRms ? 1 : 2;
@@ -575,7 +577,7 @@ void bwd_typed(bool rms, const BwdArgs<T>& a, typename Elem<T>::S* dweight,
 
 }  // namespace
 
-void norm_fwd(NormDType dtype, bool rms, const void* x, int64_t x_row_stride,
+void norm_fwd(DType dtype, bool rms, const void* x, int64_t x_row_stride,
               const void* residual, int64_t res_row_stride, const void* weight,
               const void* bias, void* y, void* h, void* mean, void* rstd, int64_t M, int64_t N,
               double eps) {
@@ -585,7 +587,7 @@ void norm_fwd(NormDType dtype, bool rms, const void* x, int64_t x_row_stride,
     using S = typename Elem<T>::S;
     const FwdArgs<T> a{static_cast<const T*>(x), x_row_stride,
                        static_cast<const T*>(residual), res_row_stride,
-                       static_cast<const T*>(weight), static_cast<const T*>(bias),
+                       static_cast<const S*>(weight), static_cast<const S*>(bias),
                        static_cast<T*>(y), static_cast<T*>(h),
                        static_cast<S*>(mean), static_cast<S*>(rstd),
                        N, S(eps),
@@ -608,7 +610,7 @@ void norm_fwd(NormDType dtype, bool rms, const void* x, int64_t x_row_stride,
   });
 }
 
-void norm_bwd(NormDType dtype, bool rms, const void* dy, const void* dh, const void* src,
+void norm_bwd(DType dtype, bool rms, const void* dy, const void* dh, const void* src,
               int64_t src_row_stride, const void* weight, const void* mean, const void* rstd,
               void* dx, void* dweight, void* dbias, int64_t M, int64_t N) {
   if (N <= 0) return;
@@ -623,7 +625,7 @@ void norm_bwd(NormDType dtype, bool rms, const void* dy, const void* dh, const v
     }
     const BwdArgs<T> a{static_cast<const T*>(dy), static_cast<const T*>(dh),
                        static_cast<const T*>(src), src_row_stride,
-                       static_cast<const T*>(weight), static_cast<const S*>(mean),
+                       static_cast<const S*>(weight), static_cast<const S*>(mean),
                        static_cast<const S*>(rstd), static_cast<T*>(dx), N,
                        stream_output(dx, M * N * int64_t(sizeof(T)))};
     bwd_typed<T>(rms, a, static_cast<S*>(dweight), static_cast<S*>(dbias), M);

@@ -40,10 +40,10 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kVecBytes = 16;
 
-// Forward: a row group of up to 512 threads, so each may use 128 registers (ptxas: 88-128
-// with fwd_items below, no spills; 1024 threads would cap them at 64 and serialise the
-// loads); a CTA aims at 128 threads, so that several CTAs (rows) are resident per SM and
-// their load, reduce and store phases overlap.
+// Forward: a row group of up to 512 threads, so each may use 128 registers (ptxas, sm_80 to
+// sm_120: 66-128 with fwd_items below, no spills; 1024 threads would cap them at 64 and
+// serialise the loads); a CTA aims at 128 threads, so that several CTAs (rows) are resident
+// per SM and their load, reduce and store phases overlap.
 constexpr int kFwdMaxCtaThreads = 512;
 constexpr int kFwdCtaThreads = 128;
 // Backward: the same 128-register budget (512 threads). A row group also carries the
@@ -52,10 +52,10 @@ constexpr int kFwdCtaThreads = 128;
 constexpr int kBwdMaxCtaThreads = 512;
 constexpr int kBwdCtaThreads = 512;
 // Persistent backward CTAs per SM (= partial rows per SM): every norm_bwd_kernel variant
-// uses 108-128 registers x 512 threads, the whole register file, so one is resident per
-// SM; more would only add partial-sum traffic (each CTA writes, and the reducer reads,
-// 4 * N bytes per accumulator: 132 rows on an H100, ~2% of the traffic of a bf16 LayerNorm
-// backward with dweight and dbias over 16K rows).
+// uses 111-128 registers (sm_80 to sm_120) x 512 threads, the whole register file, so one
+// is resident per SM; more would only add partial-sum traffic (each CTA writes, and the
+// reducer reads, 4 * N bytes per accumulator: 132 rows on an H100, ~2% of the traffic of a
+// bf16 LayerNorm backward with dweight and dbias over 16K rows).
 constexpr int kBwdCtasPerSm = 1;
 // Cap on forward / dx-only grids; the grid-stride loop covers anything beyond (gridDim.x
 // allows 2^31 - 1, and 16M CTAs is far past any number that keeps a GPU busy).
@@ -66,17 +66,22 @@ constexpr int64_t kMaxGridCtas = int64_t(1) << 24;
 static_assert(kFwdCtaThreads / (2 * kWarp) <= 15 && kBwdCtaThreads / (2 * kWarp) <= 15,
               "named barriers 1..15 must cover every multi-warp row group of a CTA");
 
-// Vectors each thread holds per chunk, chosen so that every variant compiles without
-// spills (ptxas -v, sm_90a and sm_80). Forward: 8 vectors (32 registers of row data) or 16
-// scalar elements. Backward: weight, src and dy of this row and the next, and two fp32
-// partial sums per element. A row fits one chunk up to 512 threads x items x kVec
-// elements: forward 32768 (16-bit), 16384 (fp32), 8192 (scalar); backward 8192, 6144 and
-// 3072. Longer rows are walked in chunks (see launch_bwd for the backward).
-template <typename T, int kVec>
+// Vectors each thread holds per chunk (T: x's type, P: weight's), chosen so that every
+// variant compiles without spills for every default architecture (ptxas -v, CUDA 13.0,
+// sm_80 to sm_120). Forward: 8 vectors (32 registers of row data) or 16 scalar elements;
+// 16-bit x with fp32 weight and bias takes 6: their 32-byte Pack<float, 8> loads, which
+// ptxas hoists for all items, made the bf16 LayerNorm variant spill with 8 (sm_80: 128
+// registers, 16 bytes spill stores; sm_86: 8 bytes; with 6: 128 registers, no spills).
+// Backward: weight, src and dy of this row and the next, and two fp32 partial sums per
+// element; fp32 weights beside 16-bit x fit the same 2 items (127-128 registers, no spills
+// on any default architecture). A row fits one chunk up to 512 threads x items x kVec
+// elements: forward 32768 (16-bit; 24576 with fp32 weights), 16384 (fp32), 8192 (scalar);
+// backward 8192, 6144 and 3072. Longer rows are walked in chunks (see launch_bwd).
+template <typename T, typename P, int kVec>
 __host__ __device__ constexpr int fwd_items() {
-  return kVec > 1 ? 8 : 16;
+  return kVec == 1 ? 16 : (sizeof(T) == 2 && sizeof(P) == 4 ? 6 : 8);
 }
-template <typename T, int kVec>
+template <typename T, typename P, int kVec>
 __host__ __device__ constexpr int bwd_items() {
   return kVec == 1 ? 6 : (sizeof(T) == 4 ? 3 : 2);
 }
@@ -353,14 +358,14 @@ __device__ __forceinline__ void load_normalised_input(const T* xr, const T* rr,
 
 // Arguments: as in norm_fwd (layernorm.h); outputs must not overlap inputs. h is written
 // iff residual is given; mean is null for RMSNorm.
-template <typename T, bool kRms, int kVec>
+template <typename T, typename P, bool kRms, int kVec>
 __global__ void __launch_bounds__(kFwdMaxCtaThreads)
     norm_fwd_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ residual,
-                    int64_t res_stride, const T* __restrict__ weight, const T* __restrict__ bias,
+                    int64_t res_stride, const P* __restrict__ weight, const P* __restrict__ bias,
                     T* __restrict__ y, T* __restrict__ h, float* __restrict__ mean,
                     float* __restrict__ rstd, int64_t M, int N, float eps) {
   using V = Pack<T, kVec>;
-  constexpr int kItems = fwd_items<T, kVec>();
+  constexpr int kItems = fwd_items<T, P, kVec>();
   const int tx = threadIdx.x;
   const int stride = blockDim.x;
   const int vecs = N / kVec;
@@ -435,15 +440,19 @@ __global__ void __launch_bounds__(kFwdMaxCtaThreads)
 // groups fit in an SM's registers (bf16 LayerNorm at N = 8192: 3 registers per element).
 // To keep memory busy anyway, a row that fits one chunk is *resident*: weight is loaded
 // once, and the next row's src, dy and statistics are loaded while this row is computed.
-template <typename T, bool kRms, int kVec>
-__global__ void __launch_bounds__(kBwdMaxCtaThreads)
+//
+// __launch_bounds__ minBlocks 1: without it ptxas for sm_120 gave the fp32 RMSNorm scalar
+// variant 64 registers and 28 bytes of spill stores (CUDA 13.0); with it, 128 and no spills.
+template <typename T, typename P, bool kRms, int kVec>
+__global__ void __launch_bounds__(kBwdMaxCtaThreads, 1)
     norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ dh,
-                    const T* __restrict__ src, int64_t src_stride, const T* __restrict__ weight,
+                    const T* __restrict__ src, int64_t src_stride, const P* __restrict__ weight,
                     const float* __restrict__ mean, const float* __restrict__ rstd,
                     T* __restrict__ dx, float* __restrict__ part_dw, float* __restrict__ part_db,
                     int64_t M, int N) {
   using V = Pack<T, kVec>;
-  constexpr int kItems = bwd_items<T, kVec>();
+  using W = Pack<P, kVec>;
+  constexpr int kItems = bwd_items<T, P, kVec>();
   const int tx = threadIdx.x;
   const int stride = blockDim.x;
   const int vecs = N / kVec;
@@ -462,7 +471,8 @@ __global__ void __launch_bounds__(kBwdMaxCtaThreads)
   int parity = 0;
 
   // Row data: src, dy, weight (raw) and the row's statistics; *_next is the prefetch.
-  V sbuf[kItems], dbuf[kItems], wbuf[kItems], snext[kItems], dnext[kItems];
+  V sbuf[kItems], dbuf[kItems], snext[kItems], dnext[kItems];
+  W wbuf[kItems];
   float mu = 0.f, rs = 0.f, mu_next = 0.f, rs_next = 0.f;
   auto load_row = [&](int64_t r, const Slice<kItems>& s, V(&sb)[kItems], V(&db)[kItems],
                       float& m, float& rsd) {
@@ -723,46 +733,51 @@ struct BwdArgs {
   int N;
 };
 
-template <typename T, bool kRms, int kVec>
+template <typename T, typename P, bool kRms, int kVec>
 cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream) {
   const RowShape s =
-      pick_row_shape(a.N / kVec, fwd_items<T, kVec>(), kFwdCtaThreads, kFwdMaxCtaThreads);
+      pick_row_shape(a.N / kVec, fwd_items<T, P, kVec>(), kFwdCtaThreads, kFwdMaxCtaThreads);
   const int64_t grid = std::min(ceil_div(a.M, s.rows_per_cta), kMaxGridCtas);
-  norm_fwd_kernel<T, kRms, kVec>
+  norm_fwd_kernel<T, P, kRms, kVec>
       <<<static_cast<unsigned>(grid), dim3(s.threads_per_row, s.rows_per_cta), 0, stream>>>(
           static_cast<const T*>(a.x), a.x_stride, static_cast<const T*>(a.residual),
-          a.res_stride, static_cast<const T*>(a.weight), static_cast<const T*>(a.bias),
+          a.res_stride, static_cast<const P*>(a.weight), static_cast<const P*>(a.bias),
           static_cast<T*>(a.y), static_cast<T*>(a.h), a.mean, a.rstd, a.M, a.N, a.eps);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename P>
 cudaError_t norm_fwd_typed(bool rms, const FwdArgs& a, cudaStream_t stream) {
   constexpr int kVec = kVecBytes / sizeof(T);
   // Every row start must be 16-byte aligned: base pointers aligned and row strides (N for
-  // the contiguous outputs) whole vectors.
+  // the contiguous outputs) whole vectors. Float weight and bias beside 16-bit x come in
+  // Pack<float, 8> of 32 bytes, but that type is aligned to 16 (Pack's alignas caps it), so
+  // the compiler emits two 16-byte accesses and a 16-byte aligned base suffices (vector v
+  // starts at byte 32 * v).
   const bool vec = a.N % kVec == 0 && a.x_stride % kVec == 0 && a.res_stride % kVec == 0 &&
                    aligned16(a.x) && aligned16(a.residual) && aligned16(a.weight) &&
                    aligned16(a.bias) && aligned16(a.y) && aligned16(a.h);
-  if (rms) return vec ? launch_fwd<T, true, kVec>(a, stream) : launch_fwd<T, true, 1>(a, stream);
-  return vec ? launch_fwd<T, false, kVec>(a, stream) : launch_fwd<T, false, 1>(a, stream);
+  if (rms) {
+    return vec ? launch_fwd<T, P, true, kVec>(a, stream) : launch_fwd<T, P, true, 1>(a, stream);
+  }
+  return vec ? launch_fwd<T, P, false, kVec>(a, stream) : launch_fwd<T, P, false, 1>(a, stream);
 }
 
 // dx, and the partial rows of dweight / dbias (partial_rows of them, 0 when neither is
 // requested): fused into the dx pass when a row fits in registers, else computed by
 // norm_bwd_col_partials_kernel after a dx-only pass.
-template <typename T, bool kRms, int kVec>
+template <typename T, typename P, bool kRms, int kVec>
 cudaError_t launch_bwd(const BwdArgs& a, int64_t partial_rows, cudaStream_t stream) {
   const int vecs = a.N / kVec;
   const RowShape s =
-      pick_row_shape(vecs, bwd_items<T, kVec>(), kBwdCtaThreads, kBwdMaxCtaThreads);
+      pick_row_shape(vecs, bwd_items<T, P, kVec>(), kBwdCtaThreads, kBwdMaxCtaThreads);
   const bool fused = partial_rows > 0 && s.chunks == 1;
   const int64_t grid =
       fused ? partial_rows : std::min(ceil_div(a.M, s.rows_per_cta), kMaxGridCtas);
-  norm_bwd_kernel<T, kRms, kVec>
+  norm_bwd_kernel<T, P, kRms, kVec>
       <<<static_cast<unsigned>(grid), dim3(s.threads_per_row, s.rows_per_cta), 0, stream>>>(
           static_cast<const T*>(a.dy), static_cast<const T*>(a.dh), static_cast<const T*>(a.src),
-          a.src_stride, static_cast<const T*>(a.weight), a.mean, a.rstd, static_cast<T*>(a.dx),
+          a.src_stride, static_cast<const P*>(a.weight), a.mean, a.rstd, static_cast<T*>(a.dx),
           fused ? a.part_dw : nullptr, fused ? a.part_db : nullptr, a.M, a.N);
   if (fused || partial_rows == 0) return cudaGetLastError();
   const dim3 cols(static_cast<unsigned>(ceil_div(vecs, kColPartialThreads)),
@@ -773,23 +788,47 @@ cudaError_t launch_bwd(const BwdArgs& a, int64_t partial_rows, cudaStream_t stre
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename P>
 cudaError_t norm_bwd_typed(bool rms, const BwdArgs& a, int64_t partial_rows,
                            cudaStream_t stream) {
   constexpr int kVec = kVecBytes / sizeof(T);
   const bool vec = a.N % kVec == 0 && a.src_stride % kVec == 0 && aligned16(a.dy) &&
                    aligned16(a.dh) && aligned16(a.src) && aligned16(a.weight) && aligned16(a.dx);
   if (rms) {
-    return vec ? launch_bwd<T, true, kVec>(a, partial_rows, stream)
-               : launch_bwd<T, true, 1>(a, partial_rows, stream);
+    return vec ? launch_bwd<T, P, true, kVec>(a, partial_rows, stream)
+               : launch_bwd<T, P, true, 1>(a, partial_rows, stream);
   }
-  return vec ? launch_bwd<T, false, kVec>(a, partial_rows, stream)
-             : launch_bwd<T, false, 1>(a, partial_rows, stream);
+  return vec ? launch_bwd<T, P, false, kVec>(a, partial_rows, stream)
+             : launch_bwd<T, P, false, 1>(a, partial_rows, stream);
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// The one table from (dtype, param_dtype) to element types: calls
+// launch(TypeTag<T>{}, TypeTag<P>{}) with P = T or P = float, and refuses anything else.
+// For float x the two coincide, so nothing is instantiated twice.
+template <typename Launch>
+cudaError_t with_types(DType dtype, DType param_dtype, Launch&& launch) {
+  auto with_params = [&](auto t) -> cudaError_t {
+    if (param_dtype == dtype) return launch(t, t);
+    if (param_dtype == DType::kFloat32) return launch(t, TypeTag<float>{});
+    return cudaErrorInvalidValue;
+  };
+  switch (dtype) {
+    case DType::kFloat32: return with_params(TypeTag<float>{});
+    case DType::kFloat16: return with_params(TypeTag<__half>{});
+    case DType::kBFloat16: return with_params(TypeTag<__nv_bfloat16>{});
+    case DType::kFloat64: break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t norm_fwd(NormDType dtype, bool rms, const void* x, int64_t x_row_stride,
+cudaError_t norm_fwd(DType dtype, DType param_dtype, bool rms, const void* x, int64_t x_row_stride,
                      const void* residual, int64_t res_row_stride, const void* weight,
                      const void* bias, void* y, void* h, float* mean, float* rstd, int64_t M,
                      int64_t N, float eps, cudaStream_t stream) {
@@ -803,12 +842,9 @@ cudaError_t norm_fwd(NormDType dtype, bool rms, const void* x, int64_t x_row_str
                   y, res ? h : nullptr,
                   rms ? nullptr : mean, rstd,
                   x_row_stride, res ? res_row_stride : 0, M, static_cast<int>(N), eps};
-  switch (dtype) {
-    case NormDType::kFloat32: return norm_fwd_typed<float>(rms, a, stream);
-    case NormDType::kFloat16: return norm_fwd_typed<__half>(rms, a, stream);
-    case NormDType::kBFloat16: return norm_fwd_typed<__nv_bfloat16>(rms, a, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_types(dtype, param_dtype, [&](auto t, auto p) {
+    return norm_fwd_typed<typename decltype(t)::type, typename decltype(p)::type>(rms, a, stream);
+  });
 }
 
 size_t norm_bwd_workspace_bytes(int64_t M, int64_t N, bool need_dweight, bool need_dbias,
@@ -822,10 +858,11 @@ size_t norm_bwd_workspace_bytes(int64_t M, int64_t N, bool need_dweight, bool ne
          sizeof(float) * accumulators;
 }
 
-cudaError_t norm_bwd(NormDType dtype, bool rms, const void* dy, const void* dh, const void* src,
-                     int64_t src_row_stride, const void* weight, const float* mean,
-                     const float* rstd, void* dx, float* dweight, float* dbias, void* workspace,
-                     int64_t M, int64_t N, cudaStream_t stream) {
+cudaError_t norm_bwd(DType dtype, DType param_dtype, bool rms, const void* dy, const void* dh,
+                     const void* src, int64_t src_row_stride, const void* weight,
+                     const float* mean, const float* rstd, void* dx, float* dweight,
+                     float* dbias, void* workspace, int64_t M, int64_t N,
+                     cudaStream_t stream) {
   const bool partials = dweight != nullptr || dbias != nullptr;
   if (M < 0 || N < 1 || N > kNormMaxHidden || dy == nullptr || src == nullptr ||
       dx == nullptr || rstd == nullptr || (!rms && mean == nullptr) ||
@@ -858,14 +895,10 @@ cudaError_t norm_bwd(NormDType dtype, bool rms, const void* dy, const void* dh, 
                   dx,
                   part_dw, part_db,
                   src_row_stride, M, static_cast<int>(N)};
-  cudaError_t err = cudaErrorInvalidValue;
-  switch (dtype) {
-    case NormDType::kFloat32: err = norm_bwd_typed<float>(rms, a, partial_rows, stream); break;
-    case NormDType::kFloat16: err = norm_bwd_typed<__half>(rms, a, partial_rows, stream); break;
-    case NormDType::kBFloat16:
-      err = norm_bwd_typed<__nv_bfloat16>(rms, a, partial_rows, stream);
-      break;
-  }
+  const cudaError_t err = with_types(dtype, param_dtype, [&](auto t, auto p) {
+    return norm_bwd_typed<typename decltype(t)::type, typename decltype(p)::type>(
+        rms, a, partial_rows, stream);
+  });
   if (err != cudaSuccess || !partials) return err;
   // Partial rows -> dweight (blockIdx.y = 0 when requested) and dbias.
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kReduceCols)),
