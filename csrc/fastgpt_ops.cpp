@@ -98,11 +98,11 @@ int64_t row_stride(const Tensor& rows2d) {
   return rows2d.size(0) > 1 ? rows2d.stride(0) : rows2d.size(1);
 }
 
-void check_like_x(const Tensor& t, const char* name, const Tensor& x, bool same_dtype) {
+void check_like_x(const Tensor& t, const char* name, const Tensor& x) {
   TORCH_CHECK(t.sizes() == x.sizes(), "fastgpt: ", name, " must have shape ", x.sizes(), ", got ",
               t.sizes());
-  TORCH_CHECK(!same_dtype || t.scalar_type() == x.scalar_type(), "fastgpt: ", name,
-              " has dtype ", t.scalar_type(), " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastgpt: ", name, " has dtype ",
+              t.scalar_type(), " but x has dtype ", x.scalar_type());
   TORCH_CHECK(t.device() == x.device(), "fastgpt: ", name, " is on ", t.device(),
               " but x is on ", x.device());
 }
@@ -160,7 +160,7 @@ Fwd prepare_fwd(const Tensor& x, const optional<Tensor>& weight, const optional<
   TORCH_CHECK(eps > 0, "fastgpt: eps must be > 0, got ", eps);
   check_param(weight, "weight", x);
   check_param(bias, "bias", x);
-  if (residual) check_like_x(*residual, "residual", x, /*same_dtype=*/true);
+  if (residual) check_like_x(*residual, "residual", x);
   const auto lead = x.sizes().slice(0, x.dim() - 1);
   const auto stats = x.options().dtype(stats_type(x));
   Fwd f;
@@ -182,8 +182,8 @@ Bwd prepare_bwd(const Tensor& dy, const optional<Tensor>& dh, const Tensor& src,
                 const optional<Tensor>& weight, const optional<Tensor>& mean, const Tensor& rstd,
                 bool need_dweight, bool need_dbias) {
   check_hidden(src, "src");
-  check_like_x(dy, "dy", src, /*same_dtype=*/true);
-  if (dh) check_like_x(*dh, "dh", src, /*same_dtype=*/true);
+  check_like_x(dy, "dy", src);
+  if (dh) check_like_x(*dh, "dh", src);
   check_param(weight, "weight", src);
   check_stats(rstd, "rstd", src);
   if (mean) check_stats(*mean, "mean", src);
@@ -391,6 +391,16 @@ auto find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+// Handles of the ops, looked up once: autograd calls them below the Autograd key.
+const auto& layer_norm_op() {
+  static const auto op = find_op<decltype(layer_norm<Cpu>)>("fastgpt::layer_norm");
+  return op;
+}
+const auto& rms_norm_op() {
+  static const auto op = find_op<decltype(rms_norm<Cpu>)>("fastgpt::rms_norm");
+  return op;
+}
+
 optional<Tensor> maybe(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }
 
 // What backward needs to know of the forward's inputs, in one saved_data entry (each entry is
@@ -431,9 +441,8 @@ struct LayerNormFn : torch::autograd::Function<LayerNormFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const optional<Tensor>& weight, const optional<Tensor>& bias,
                                const optional<Tensor>& residual, double eps) {
-    static const auto op = find_op<decltype(layer_norm<Cpu>)>("fastgpt::layer_norm");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, h, mean, rstd] = op.call(x, weight, bias, residual, eps);
+    auto [y, h, mean, rstd] = layer_norm_op().call(x, weight, bias, residual, eps);
     save_inputs(ctx, weight, bias, residual);
     // What was normalised is all backward needs: h with a residual, else x.
     ctx->save_for_backward({residual ? h : x, weight.value_or(Tensor()), mean, rstd});
@@ -459,9 +468,8 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const optional<Tensor>& weight, const optional<Tensor>& residual,
                                double eps) {
-    static const auto op = find_op<decltype(rms_norm<Cpu>)>("fastgpt::rms_norm");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, h, rstd] = op.call(x, weight, residual, eps);
+    auto [y, h, rstd] = rms_norm_op().call(x, weight, residual, eps);
     save_inputs(ctx, weight, c10::nullopt, residual);
     ctx->save_for_backward({residual ? h : x, weight.value_or(Tensor()), rstd});
     ctx->mark_non_differentiable({rstd});
@@ -496,9 +504,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_autograd(const Tensor& x,
                                                                const optional<Tensor>& residual,
                                                                double eps) {
   if (!records(x, weight, bias, residual)) {
-    static const auto op = find_op<decltype(layer_norm<Cpu>)>("fastgpt::layer_norm");
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, weight, bias, residual, eps);
+    return layer_norm_op().call(x, weight, bias, residual, eps);
   }
   const variable_list out = LayerNormFn::apply(x, weight, bias, residual, eps);
   return {out[0], out[1], out[2], out[3]};
@@ -509,9 +516,8 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_autograd(const Tensor& x,
                                                      const optional<Tensor>& residual,
                                                      double eps) {
   if (!records(x, weight, c10::nullopt, residual)) {
-    static const auto op = find_op<decltype(rms_norm<Cpu>)>("fastgpt::rms_norm");
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, weight, residual, eps);
+    return rms_norm_op().call(x, weight, residual, eps);
   }
   const variable_list out = RmsNormFn::apply(x, weight, residual, eps);
   return {out[0], out[1], out[2]};

@@ -47,9 +47,6 @@ class BackendStatus:
         return self.available
 
 
-_OK = BackendStatus(True)
-
-
 # ------------------------------------------------------------------ loading the backends
 
 # Modules imported so far, and why those that failed did. Plain dicts, so that torch.compile
@@ -58,8 +55,8 @@ _OK = BackendStatus(True)
 _modules: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 
-# Run once, right after fastgpt._C first loads: each op family registers autograd and
-# autocast on its C++ ops there (they exist only once the library is loaded).
+# Run once, right after fastgpt._C first loads: each op family registers fake implementations
+# and autocast on its C++ ops there (they exist only once the library is loaded).
 _native_hooks: List[Callable[[], None]] = []
 
 

@@ -8,9 +8,9 @@ From the public function to a kernel, in one read:
   (csrc/fastgpt_ops.cpp, kernels in csrc/cpu/layernorm.cpp and csrc/cuda/layernorm.cu);
   ``"triton"`` calls the custom ops ``torch.ops.fastgpt_triton.layer_norm`` / ``rms_norm``
   defined here around ``fastgpt.kernels.layernorm.norm_fwd/norm_bwd``. Both namespaces have the
-  same schemas, and this module registers the same autograd formula and autocast rule on both,
-  so the two backends differ only below the op. ``"torch"`` is eager ``F.layer_norm`` /
-  ``F.rms_norm``.
+  same schemas, fakes and autocast rule (registered here) and the same autograd formula (in C++
+  for the native ops, here for the Triton ones), so the two backends differ only below the op.
+  ``"torch"`` is eager ``F.layer_norm`` / ``F.rms_norm``.
 
 RMSNorm is LayerNorm without centring and without bias; every kernel shares one implementation
 with an ``rms`` switch.
@@ -95,13 +95,15 @@ _native_limits: dict = {}
 
 
 def _native_supports(x: Tensor, *_params) -> Optional[str]:
-    limits = _native_limits.get(x.device.type)
+    device = x.device.type
+    limits = _native_limits.get(device)
     if limits is None:
         mod = backends.native_module()
-        names = mod.NORM_DTYPES_CUDA if x.device.type == "cuda" else mod.NORM_DTYPES_CPU
+        cuda = device == "cuda"
+        names = mod.NORM_DTYPES_CUDA if cuda else mod.NORM_DTYPES_CPU
         dtypes = tuple(getattr(torch, n) for n in names.split(",") if n)
-        limits = (dtypes, mod.NORM_MAX_HIDDEN_CUDA if x.device.type == "cuda" else None)
-        _native_limits[x.device.type] = limits
+        limits = (dtypes, mod.NORM_MAX_HIDDEN_CUDA if cuda else None)
+        _native_limits[device] = limits
     return _kernel_limits("native", x, *limits)
 
 
