@@ -9,9 +9,9 @@
 # the pinned CPU stack: torch 2.13.0 (never an unpinned torch, which would pull gigabytes of
 # CUDA wheels) and triton 3.9.0. Into whichever Python that is, the tools the command needs
 # are installed if, and only if, one is missing (ninja for the build; pytest,
-# pytest-benchmark and numpy < 2.4 for the tests: Triton's interpreter, which runs the
-# Triton tests on CPU, has broken with newer numpy), each checked by importing it and none
-# of which depends on torch, so pip never touches torch; with nothing missing, nothing is
+# pytest-benchmark, matplotlib (`fastgpt profile --plot`) and numpy < 2.4 for the tests:
+# Triton's interpreter, which runs the Triton tests on CPU, has broken with newer numpy),
+# each checked by importing it and none of which depends on torch, so pip never touches torch; with nothing missing, nothing is
 # downloaded. Then fastgpt is installed in editable mode, compiling fastgpt._C (with CUDA
 # where torch has it and nvcc is found) whenever a source under csrc/ is newer than the
 # built library.
@@ -21,7 +21,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 # module:requirement, installed when the module cannot be imported
 BUILD_DEPS=(ninja:ninja)
-TEST_DEPS=(pytest:pytest pytest_benchmark:pytest-benchmark "numpy:numpy<2.4")
+TEST_DEPS=(pytest:pytest pytest_benchmark:pytest-benchmark "numpy:numpy<2.4" "matplotlib:matplotlib")
 
 has() { "$PY" -c "import $1" >/dev/null 2>&1; }
 

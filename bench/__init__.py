@@ -15,9 +15,10 @@ from .harness import (
     run_case,
     write_results,
 )
+from .attention import CASES as _ATTENTION_CASES
 from .layernorm import CASES as _NORM_CASES
 
-CASES = {case.name: case for case in _NORM_CASES}
+CASES = {case.name: case for case in _NORM_CASES + _ATTENTION_CASES}
 
 __all__ = [
     "CASES",

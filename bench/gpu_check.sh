@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU validation in one go: build fastgpt with its CUDA kernels, run the whole test suite on
-# the GPU, then the benchmarks. This run's results (JSON and markdown tables) and its full
+# the GPU, then the benchmarks, then the attention profile (time and memory against T). This run's results (JSON and markdown tables) and its full
 # log, gpu_check.log, go to $OUT when it is set, else to a new folder under
 # bench/results/local/ (ignored by git); the results are also copied into bench/results/,
 # where the ones worth keeping are committed.
@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh            # on a machine with a CUDA GPU, torch and triton
 #   bash bench/gpu_check.sh tests      # only some stages: tests, bench (the build always runs,
 #   bash bench/gpu_check.sh bench      # and is quick when fastgpt._C is up to date), e.g. where
-#                                      # one command may only run for a limited time
+#   bash bench/gpu_check.sh profile    # one command may only run for a limited time
 #   BENCH_ARGS="--no-compile" bash bench/gpu_check.sh   # extra `fastgpt bench` arguments
 #                                      # (skipping torch.compile saves minutes of compiling)
 #
@@ -17,11 +17,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-STAGES=${*:-tests bench}
+STAGES=${*:-tests bench profile}
 for stage in $STAGES; do
   case "$stage" in
-    tests|bench) ;;
-    *) echo "usage: bash bench/gpu_check.sh [tests] [bench]" >&2; exit 2 ;;
+    tests|bench|profile) ;;
+    *) echo "usage: bash bench/gpu_check.sh [tests] [bench] [profile]" >&2; exit 2 ;;
   esac
 done
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -70,6 +70,18 @@ if wants bench; then
   "$PY" -m fastgpt bench --device cuda --out "$DEST" ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG" >/dev/null
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   cp "$DEST"/*.json "$DEST"/*.md "$RESULTS"/ 2>/dev/null || true
+fi
+
+if wants profile; then
+  step "profile attention"
+  # The GPU target's shape (bf16, D=128, causal), B*H*T constant-ish as T grows: eager's
+  # T x T matrices run out of memory at the long end, which the profile records as OOM.
+  stem="profile-attention-cuda-$(date +%Y%m%d-%H%M%S)"
+  "$PY" -m fastgpt profile attention --device cuda --causal --batch 1 --heads 16 --head-dim 128 \
+    --seq-lens 1024,2048,4096,8192,16384,32768 --json "$DEST/$stem.json" \
+    --plot "$DEST/$stem.png" 2>&1 | tee -a "$LOG" | tail -n 20
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  cp "$DEST/$stem".* "$RESULTS"/ 2>/dev/null || true
 fi
 
 step "summary (status $status)"

@@ -39,7 +39,8 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # Row statuses: "ok"; "mismatch" (failed the check); "error" (a fastgpt contender raised);
 # "unsupported" (a fastgpt backend refused the input with BackendError, by design);
-# "skipped" (an optional contender such as torch.compile failed). Rows whose status is one
+# "skipped" (an optional contender such as torch.compile failed); "oom" (a torch contender ran
+# out of device memory). Rows whose status is one
 # of these make a run fail (CLI exit status 1):
 FAILED = ("mismatch", "error")
 
@@ -83,11 +84,13 @@ class Workload:
 
     Forward problems time ``fn(*args)``. Backward problems (``grad_outputs`` set) run the
     forward once, then time only ``torch.autograd.grad`` over the retained graph, for every
-    input that requires grad.
+    input that requires grad; with ``with_forward`` each timed call runs the forward and then
+    the backward (a training step's cost of the op).
     """
 
     args: tuple
     grad_outputs: tuple[torch.Tensor, ...] | None = None
+    with_forward: bool = False
 
     def upcast(self, dtype: torch.dtype) -> Workload:
         """The same inputs in `dtype` (floating tensors only), for a high-precision reference."""
@@ -98,15 +101,17 @@ class Workload:
             return a.detach().to(dtype).requires_grad_(a.requires_grad)
 
         grads = None if self.grad_outputs is None else tuple(map(up, self.grad_outputs))
-        return Workload(tuple(map(up, self.args)), grads)
+        return Workload(tuple(map(up, self.args)), grads, self.with_forward)
 
     def runner(self, fn: Callable[..., Any]) -> Callable[[], Any]:
         args = self.args
         if self.grad_outputs is None:
             return lambda: fn(*args)
-        outputs = as_tuple(fn(*args))
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
         grad_outputs = self.grad_outputs
+        if self.with_forward:
+            return lambda: torch.autograd.grad(as_tuple(fn(*args)), inputs, grad_outputs)
+        outputs = as_tuple(fn(*args))
         return lambda: torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True)
 
 
@@ -367,12 +372,14 @@ def run_problem(case: Case, problem: Problem, session: Session, log: Callable[[s
         if contender.checked and (eager is None or reference is None):
             failed = contenders[0].name + (" in float64: " + reference_error if reference_error else "")
             out, run, outcome = None, None, ("error", f"nothing to check against: {failed} failed")
+            peak = None
         else:
             check = (eager, reference) if contender.checked else None
-            out, run, outcome = _check(contender, workload, check)
+            out, run, outcome, peak = _check(contender, workload, check)
         if index == 0:
             eager = out
         row["status"], row["detail"] = outcome
+        row["peak_mib"] = peak
         row["ms"] = row["iqr_ms"] = None
         if run is not None:
             runs[index] = run
@@ -389,27 +396,53 @@ def run_problem(case: Case, problem: Problem, session: Session, log: Callable[[s
 
 def _check(
     contender: Contender, workload: Workload, check: tuple[Any, Any] | None
-) -> tuple[Any, Callable[[], Any] | None, tuple[str, str]]:
+) -> tuple[Any, Callable[[], Any] | None, tuple[str, str], float | None]:
     """Run `contender` once and check the output against (eager output, float64 reference)
     unless `check` is None. Returns (the output, the thunk to time or None if it failed,
-    (status, detail))."""
+    (status, detail), peak MiB of that first run on CUDA or None)."""
     # Any exception from a contender (a compile failure, a kernel that rejects the input,
     # a crash) becomes the row's status, so one failure never hides the other rows.
     try:
-        run = workload.runner(contender.fn)
-        out = run()
+        with _peak_memory() as peak:
+            run = workload.runner(contender.fn)
+            out = run()
         if check is not None:
             mismatch = compare(out, *check)
             if mismatch:
-                return out, None, ("mismatch", mismatch)
+                return out, None, ("mismatch", mismatch), peak["mib"]
     except Exception as e:  # noqa: BLE001 - see above
-        return None, None, _failure(contender, e)
-    return out, run, ("ok", "")
+        return None, None, _failure(contender, e), None
+    return out, run, ("ok", ""), peak["mib"]
+
+
+class _peak_memory:
+    """Context manager: on CUDA, the MiB allocated at the peak of the block above what was
+    allocated when it began (``{"mib": ...}``; None on the CPU, where no allocator reports one).
+    The first call of a contender is measured: its forward, and its backward's graph."""
+
+    def __enter__(self) -> dict:
+        self.record: dict = {"mib": None}
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        return self.record
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda and exc[0] is None:
+            torch.cuda.synchronize()
+            self.record["mib"] = (torch.cuda.max_memory_allocated() - self.base) / 2**20
 
 
 def _failure(contender: Contender, e: Exception) -> tuple[str, str]:
     """(status, detail) of a contender that raised."""
-    status = "skipped" if contender.optional else "unsupported" if isinstance(e, fastgpt.BackendError) else "error"
+    if isinstance(e, torch.OutOfMemoryError) and not contender.name.startswith("fastgpt."):
+        status = "oom"  # eager attention at long sequences: a result, not a failure
+    elif contender.optional:
+        status = "skipped"
+    else:
+        status = "unsupported" if isinstance(e, fastgpt.BackendError) else "error"
     return status, _one_line(f"{type(e).__name__}: {e}")
 
 
@@ -563,14 +596,16 @@ def _table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = result["rows"]
     gemm = any(r["pct_gemm"] is not None for r in rows)
     flops = any(r["tflops"] is not None for r in rows)
+    peak = any(r.get("peak_mib") is not None for r in rows)
     headers = ["variant", "shape", "dtype", "contender", "ms", "GB/s", "% copy"]
-    headers += ["TFLOP/s"] * flops + ["% gemm"] * gemm
+    headers += ["TFLOP/s"] * flops + ["% gemm"] * gemm + ["peak MiB"] * peak
     headers += [f"x {b}" for b in result["baselines"]] + ["status"]
     body = []
     for r in rows:
         cells = [r["variant"], shape_label(r["shape"]), r["dtype"], r["contender"]]
         cells += [_fmt(r["ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".0f")]
-        cells += [_fmt(r["tflops"], ".1f")] * flops + [_fmt(r["pct_gemm"], ".0f")] * gemm
+        cells += [_fmt(r["tflops"], ".3g")] * flops + [_fmt(r["pct_gemm"], ".0f")] * gemm
+        cells += [_fmt(r.get("peak_mib"), ".0f")] * peak
         cells += [_fmt(r["speedup"].get(b), ".2f") for b in result["baselines"]]
         cells.append(r["status"] + (f": {r['detail']}" if r["detail"] else ""))
         body.append(cells)

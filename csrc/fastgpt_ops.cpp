@@ -1,8 +1,9 @@
 // The one place torch meets the kernels: op schemas (namespace `fastgpt`), argument checks,
 // parameter preparation, output allocation, and the CPU / CUDA implementations that call the
-// raw-pointer kernels in csrc/cpu and csrc/cuda, and autograd. Python (fastgpt/layernorm.py)
-// registers fake (meta) implementations and autocast on these same ops and calls them
-// directly: there is no Python custom op around them.
+// raw-pointer kernels in csrc/cpu and csrc/cuda, and the norms' autograd. Python
+// (fastgpt/layernorm.py, fastgpt/attention.py) registers fake (meta) implementations and
+// autocast on these same ops, and attention's autograd, and calls them directly: there is no
+// Python custom op around them.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -10,9 +11,13 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common.h"
+#include "cpu/attention.h"
 #include "cpu/layernorm.h"
 
 #if defined(__linux__)
@@ -68,15 +73,17 @@ std::string dtype_names(const DType (&served)[K]) {
   return out;
 }
 
-// x's element type, if the kernels of this device serve it.
+// x's element type, if the `family` kernels ("norm", "attention") of this device serve it;
+// `arg` names x in the error.
 template <size_t K>
-DType served_dtype(const Tensor& x, const DType (&served)[K], const char* device) {
+DType served_dtype(const Tensor& x, const DType (&served)[K], const char* device,
+                   const char* family = "norm", const char* arg = "x") {
   DType d;
   const bool ok = to_dtype(x.scalar_type(), &d);
   bool listed = false;
   for (const DType s : served) listed = listed || (ok && s == d);
-  TORCH_CHECK(listed, "fastgpt: the native ", device, " norm kernels support ",
-              dtype_names(served), "; x has dtype ", x.scalar_type());
+  TORCH_CHECK(listed, "fastgpt: the native ", device, " ", family, " kernels support ",
+              dtype_names(served), "; ", arg, " has dtype ", x.scalar_type());
   return d;
 }
 
@@ -523,6 +530,185 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_autograd(const Tensor& x,
   return {out[0], out[1], out[2]};
 }
 
+// ---------------------------------------------------------------------------- attention
+//
+// q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev): one dtype and device, Hq a multiple of
+// Hk (grouped-query attention), any strides for the batch, head and row dimensions (the kernels
+// read rows in place; a last dimension that is not unit-stride is copied). Fake (meta)
+// implementations and autograd are registered on these ops from Python (fastgpt/attention.py):
+// attention is far costlier than the ~10 us of a Python autograd wrapper.
+
+void check_heads_layout(const Tensor& t, const char* name, const char* dims) {
+  TORCH_CHECK(t.dim() == 4, "fastgpt: attention: ", name, " must be 4-D ", dims, ", got shape ",
+              t.sizes());
+}
+
+// t has ref's dtype and device; `op` names the op in the error.
+void check_same_kind(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name,
+                     const char* op = "attention") {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fastgpt: ", op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fastgpt: ", op, ": ", name, " is on ", t.device(),
+              " but ", ref_name, " is on ", ref.device());
+}
+
+void check_size(const Tensor& t, const char* name, int64_t dim, int64_t want, const char* what) {
+  TORCH_CHECK(t.size(dim) == want, "fastgpt: attention: ", name, " must have ", what, " ", want,
+              " (dim ", dim, "), got shape ", t.sizes());
+}
+
+// The shape of an attention call, after checking q, k, v against each other.
+cpu::AttentionShape attention_shape(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    double scale) {
+  check_heads_layout(q, "q", "(B, Hq, L, E)");
+  check_heads_layout(k, "k", "(B, Hk, S, E)");
+  check_heads_layout(v, "v", "(B, Hk, S, Ev)");
+  check_same_kind(k, "k", q, "q");
+  check_same_kind(v, "v", q, "q");
+  check_size(k, "k", 0, q.size(0), "batch size (q's)");
+  check_size(v, "v", 0, q.size(0), "batch size (q's)");
+  check_size(k, "k", 3, q.size(3), "head dim E (q's)");
+  check_size(v, "v", 1, k.size(1), "kv heads (k's)");
+  check_size(v, "v", 2, k.size(2), "key length S (k's)");
+  TORCH_CHECK(q.size(3) >= 1, "fastgpt: attention: q and k must have a head dim E >= 1, got ",
+              q.sizes());
+  TORCH_CHECK(v.size(3) >= 1, "fastgpt: attention: v must have a head dim Ev >= 1, got ",
+              v.sizes());
+  const int64_t hq = q.size(1), hk = k.size(1);
+  TORCH_CHECK(hk >= 1 || hq == 0, "fastgpt: attention: k and v have no heads but q has ", hq);
+  TORCH_CHECK(hk == 0 || hq % hk == 0, "fastgpt: attention: q's head count ", hq,
+              " must be a multiple of k and v's head count ", hk);
+  TORCH_CHECK(std::isfinite(scale), "fastgpt: attention: scale must be finite, got ", scale);
+  cpu::AttentionShape sh;
+  sh.batch = q.size(0);
+  sh.q_heads = hq;
+  sh.kv_heads = hk;
+  sh.q_len = q.size(2);
+  sh.kv_len = k.size(2);
+  sh.qk_dim = q.size(3);
+  sh.v_dim = v.size(3);
+  return sh;
+}
+
+// t with a unit-stride last dimension: t itself when it has one, else a contiguous copy.
+Tensor unit_rows(const Tensor& t) {
+  return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous();
+}
+
+cpu::RowStrides row_strides(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Forward operands after checks, with the outputs allocated: out (B, Hq, L, Ev) in q's dtype,
+// lse (B, Hq, L) in the statistics dtype, both contiguous.
+struct AttnFwd {
+  cpu::AttentionShape sh;
+  cpu::AttentionMask mask;
+  double scale;
+  Tensor q, k, v;
+  Tensor out, lse;
+};
+
+AttnFwd prepare_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
+                          double scale) {
+  AttnFwd f;
+  f.sh = attention_shape(q, k, v, scale);
+  f.mask.causal = is_causal;
+  f.scale = scale;
+  f.q = unit_rows(q);
+  f.k = unit_rows(k);
+  f.v = unit_rows(v);
+  f.out = at::empty({f.sh.batch, f.sh.q_heads, f.sh.q_len, f.sh.v_dim}, q.options());
+  f.lse = at::empty({f.sh.batch, f.sh.q_heads, f.sh.q_len}, q.options().dtype(stats_type(q)));
+  return f;
+}
+
+struct AttnBwd {
+  AttnFwd f;  // q, k, v and shape; f.out and f.lse are the forward's out and lse
+  Tensor dout;
+  Tensor dq, dk, dv;
+};
+
+AttnBwd prepare_attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                   const Tensor& v, const Tensor& out, const Tensor& lse,
+                                   bool is_causal, double scale) {
+  AttnBwd b;
+  b.f.sh = attention_shape(q, k, v, scale);
+  b.f.mask.causal = is_causal;
+  b.f.scale = scale;
+  const cpu::AttentionShape& sh = b.f.sh;
+  const std::vector<int64_t> out_shape{sh.batch, sh.q_heads, sh.q_len, sh.v_dim};
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{dout, "grad_out"},
+                                std::pair<const Tensor&, const char*>{out, "out"}}) {
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(out_shape), "fastgpt: attention_backward: ", name,
+                " must have shape ", at::IntArrayRef(out_shape), ", got ", t.sizes());
+    check_same_kind(t, name, q, "q", "attention_backward");
+  }
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(out_shape).slice(0, 3) &&
+                  lse.scalar_type() == stats_type(q) && lse.device() == q.device(),
+              "fastgpt: attention_backward: lse must be a ", stats_type(q), " tensor of shape ",
+              at::IntArrayRef(out_shape).slice(0, 3), " on ", q.device(), ", got ",
+              lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+  b.f.q = unit_rows(q);
+  b.f.k = unit_rows(k);
+  b.f.v = unit_rows(v);
+  b.f.out = unit_rows(out);
+  b.f.lse = lse.contiguous();
+  // Read in place like q (an expanded gradient, e.g. of out.sum(), is never materialised).
+  b.dout = unit_rows(dout);
+  b.dq = at::empty(q.sizes(), q.options());
+  b.dk = at::empty(k.sizes(), k.options());
+  b.dv = at::empty(v.sizes(), v.options());
+  return b;
+}
+
+void attention_fwd_cpu(AttnFwd& f) {
+  const DType dtype = served_dtype(f.q, cpu::kAttentionDTypes, "CPU", "attention", "q");
+  advise_huge_pages(f.out);
+  cpu::attention_fwd(dtype, f.sh, f.mask, f.scale, f.q.data_ptr(), row_strides(f.q),
+                     f.k.data_ptr(), row_strides(f.k), f.v.data_ptr(), row_strides(f.v),
+                     f.out.data_ptr(), f.lse.data_ptr());
+}
+
+void attention_bwd_cpu(AttnBwd& b) {
+  const DType dtype = served_dtype(b.f.q, cpu::kAttentionDTypes, "CPU", "attention", "q");
+  for (const Tensor* t : {&b.dq, &b.dk, &b.dv}) advise_huge_pages(*t);
+  cpu::attention_bwd(dtype, b.f.sh, b.f.mask, b.f.scale, b.dout.data_ptr(), row_strides(b.dout),
+                     b.f.q.data_ptr(), row_strides(b.f.q), b.f.k.data_ptr(), row_strides(b.f.k),
+                     b.f.v.data_ptr(), row_strides(b.f.v), b.f.out.data_ptr(),
+                     row_strides(b.f.out), b.f.lse.data_ptr(), b.dq.data_ptr(), b.dk.data_ptr(),
+                     b.dv.data_ptr());
+}
+
+// One implementation per device, as for the norms: a CUDA kernel adds a struct like this one
+// (with its own dtype table and checks) and one register_attention_impls<> line.
+struct CpuAttention {
+  static constexpr auto fwd = &attention_fwd_cpu;
+  static constexpr auto bwd = &attention_bwd_cpu;
+};
+
+template <class Device>
+std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                     bool is_causal, double scale) {
+  AttnFwd f = prepare_attention(q, k, v, is_causal, scale);
+  Device::fwd(f);
+  return {f.out, f.lse};
+}
+
+template <class Device>
+std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& grad_out, const Tensor& q,
+                                                      const Tensor& k, const Tensor& v,
+                                                      const Tensor& out, const Tensor& lse,
+                                                      bool is_causal, double scale) {
+  AttnBwd b = prepare_attention_backward(grad_out, q, k, v, out, lse, is_causal, scale);
+  Device::bwd(b);
+  return {b.dq, b.dk, b.dv};
+}
+
+template <class Device>
+void register_attention_impls(torch::Library& m) {
+  m.impl("attention", &attention<Device>);
+  m.impl("attention_backward", &attention_backward<Device>);
+}
+
 }  // namespace
 
 // x: (..., N), any strides (rows are read in place when the last dim is unit-stride); weight
@@ -540,9 +726,20 @@ TORCH_LIBRARY(fastgpt, m) {
         "Tensor rstd, bool need_dweight, bool need_dbias) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor dy, Tensor? dh, Tensor src, Tensor? weight, Tensor rstd, "
         "bool need_dweight) -> (Tensor, Tensor)");
+  // q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev), Hq a multiple of Hk; causal is torch's
+  // top-left tril. out (B, Hq, L, Ev) in q's dtype; lse (B, Hq, L), the natural-log
+  // log-sum-exp of the scaled scores, float64 for float64 inputs, else float32 (-inf for a
+  // query that sees no key). The backward returns dq, dk, dv shaped like q, k, v.
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool is_causal, float scale) -> "
+        "(Tensor out, Tensor lse)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, bool is_causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
-TORCH_LIBRARY_IMPL(fastgpt, CPU, m) { register_impls<Cpu>(m); }
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  register_impls<Cpu>(m);
+  register_attention_impls<CpuAttention>(m);
+}
 
 // The backward ops get no autograd of their own (no double backward).
 TORCH_LIBRARY_IMPL(fastgpt, Autograd, m) {
@@ -558,7 +755,7 @@ TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) { register_impls<Cuda>(m); }
 
 // `import fastgpt._C` loads this library, which runs the registrations above. The module
 // carries what Python must know of the build: whether CUDA kernels are in it and for which
-// architectures, and what each device's norm kernels serve.
+// architectures, and what each device's norm and attention kernels serve.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "fastgpt native kernels (C++ CPU, CUDA)", -1,
@@ -573,11 +770,14 @@ extern "C" PyObject* PyInit__C(void) {
   const std::string cuda_norm_dtypes;
 #endif
   const std::string cpu_norm_dtypes = fastgpt::dtype_names(fastgpt::cpu::kNormDTypes);
+  const std::string cpu_attention_dtypes = fastgpt::dtype_names(fastgpt::cpu::kAttentionDTypes);
   if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
       PyModule_AddStringConstant(module, "CUDA_ARCHS", FASTGPT_CUDA_ARCHS) != 0 ||
       PyModule_AddIntConstant(module, "NORM_MAX_HIDDEN_CUDA", long(fastgpt::kNormMaxHidden)) != 0 ||
       PyModule_AddStringConstant(module, "NORM_DTYPES_CPU", cpu_norm_dtypes.c_str()) != 0 ||
-      PyModule_AddStringConstant(module, "NORM_DTYPES_CUDA", cuda_norm_dtypes.c_str()) != 0) {
+      PyModule_AddStringConstant(module, "NORM_DTYPES_CUDA", cuda_norm_dtypes.c_str()) != 0 ||
+      PyModule_AddStringConstant(module, "ATTENTION_DTYPES_CPU",
+                                 cpu_attention_dtypes.c_str()) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

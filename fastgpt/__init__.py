@@ -14,6 +14,7 @@ import torch  # noqa: F401  (fastgpt._C links against torch's libraries: torch l
 
 from . import nn
 from .backends import BackendError, BackendStatus, available_backends, use_backend
+from .attention import attention_with_kvcache, scaled_dot_product_attention
 from .layernorm import layer_norm, rms_norm
 
 __version__ = "0.1.0"
@@ -21,9 +22,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "BackendStatus",
+    "attention_with_kvcache",
     "available_backends",
     "layer_norm",
     "nn",
     "rms_norm",
+    "scaled_dot_product_attention",
     "use_backend",
 ]

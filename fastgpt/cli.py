@@ -3,7 +3,9 @@
     fastgpt bench [CASE ...] [--device cpu|cuda|auto] [--dtype DTYPE ...] [--shape SHAPE ...]
                   [--quick] [--warm-heap | --first-touch] [--out DIR] [--no-compile]
     fastgpt info
-    fastgpt profile
+    fastgpt profile attention [--seq-lens 512,1024,...] [--batch B] [--heads H] [--head-dim D]
+                  [--causal] [--backward] [--dtype DTYPE] [--device cpu|cuda|auto]
+                  [--json FILE] [--plot FILE.png] [--trace DIR]
 
 Exit status: 0 ok; 1 a fastgpt contender failed its check against eager PyTorch or raised
 (a backend refusing an input by design, with BackendError, is reported but not a failure);
@@ -34,11 +36,7 @@ def _bench(args: argparse.Namespace) -> int:
     unknown = [c for c in cases if c not in bench.CASES]
     if unknown:
         args.parser.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(bench.CASES)}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        args.parser.error("--device cuda: torch sees no CUDA device")
+    device = _resolve_device(args)
 
     shapes = list(dict.fromkeys(args.shape)) if args.shape else None
     for name in cases:  # a shape a case cannot take is a usage error, before anything runs
@@ -113,9 +111,61 @@ def _info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _resolve_device(args: argparse.Namespace) -> str:
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        args.parser.error("--device cuda: torch sees no CUDA device")
+    return args.device
+
+
 def _profile(args: argparse.Namespace) -> int:
-    print("fastgpt profile: not implemented yet: comes with the attention op", file=sys.stderr)
-    return EXIT_USAGE
+    import json
+
+    from .bench import profile
+
+    device = _resolve_device(args)
+    try:
+        seq_lens = profile.parse_seq_lens(args.seq_lens)
+    except ValueError as exc:
+        args.parser.error(f"--seq-lens: {exc}")
+    for flag in ("batch", "heads", "head_dim"):
+        if getattr(args, flag) < 1:
+            args.parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            args.parser.error("--plot needs matplotlib (pip install matplotlib)")
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    spec = profile.Spec(device=device, seq_lens=seq_lens, batch=args.batch, heads=args.heads,
+                        head_dim=args.head_dim, causal=args.causal, backward=args.backward,
+                        dtype=dtype, trace_dir=args.trace)
+    result = profile.run(spec, progress=_progress_bar)
+    print(profile.render_table(result))
+    print("\n".join(result["summary"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        profile.plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    if args.trace:
+        print(f"wrote Chrome traces under {args.trace} (open in chrome://tracing or Perfetto)")
+    failed = [p for p in result["points"]
+              if p["status"] == "error" or (p["status"] == "oom" and p["contender"].startswith("fastgpt."))]
+    for p in failed:
+        print(f"{p['contender']} T={p['seq_len']}: {p['status']}: {p['detail']}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _progress_bar(done: int, total: int, what: str) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what:<48}", end=end,
+          file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -177,9 +227,34 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions and the backends usable here")
     info.set_defaults(handler=_info)
 
-    profile = commands.add_parser("profile", help="not implemented yet (comes with the attention op)")
-    profile.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    profile.set_defaults(handler=_profile)
+    profile = commands.add_parser("profile", help="profile an op's speed and memory against its size")
+    ops = profile.add_subparsers(dest="op", metavar="OP", required=True)
+    attention = ops.add_parser(
+        "attention",
+        help="attention: time and peak memory of each backend vs eager and SDPA, per sequence length",
+        description=(
+            "For each sequence length, time and peak memory of every fastgpt backend usable here, "
+            "of eager attention (T x T softmax materialised) and of torch's SDPA; a summary line "
+            "per length. Eager running out of memory is recorded as OOM. Exit 1 if a fastgpt "
+            "backend fails."
+        ),
+    )
+    attention.add_argument("--seq-lens", default="512,1024,2048,4096", metavar="T,T,...",
+                           help="sequence lengths (default: %(default)s)")
+    attention.add_argument("--batch", type=int, default=1, help="B (default: %(default)s)")
+    attention.add_argument("--heads", type=int, default=12, help="H (default: %(default)s)")
+    attention.add_argument("--head-dim", type=int, default=64, help="D (default: %(default)s)")
+    attention.add_argument("--causal", action="store_true", help="causal attention")
+    attention.add_argument("--backward", action="store_true", help="time forward + backward")
+    attention.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                           help="default: bf16 on cuda, fp32 on cpu")
+    attention.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    attention.add_argument("--json", metavar="FILE", help="write every measurement as JSON")
+    attention.add_argument("--plot", metavar="FILE.png",
+                           help="plot speed-up and memory against T (needs matplotlib)")
+    attention.add_argument("--trace", metavar="DIR",
+                           help="write a torch.profiler Chrome trace per contender and length")
+    attention.set_defaults(handler=_profile, parser=attention)
     return parser
 
 

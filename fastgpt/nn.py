@@ -1,8 +1,10 @@
-"""Drop-in modules: same constructor arguments and state_dict keys as torch.nn.
+"""Drop-in modules.
 
-Both subclass their torch.nn counterpart, so checkpoints load unchanged and
-``isinstance(m, torch.nn.LayerNorm)`` still holds; only ``forward`` differs: it runs fastgpt's
-op and also accepts a ``residual`` for the fused pre-norm add.
+The norms have the constructor arguments and state_dict keys of torch.nn's and subclass them,
+so checkpoints load unchanged and ``isinstance(m, torch.nn.LayerNorm)`` still holds; only
+``forward`` differs: it runs fastgpt's op and also accepts a ``residual`` for the fused pre-norm
+add. :class:`CausalSelfAttention` is nanoGPT's module of that name (same parameters and
+state_dict keys) on fastgpt's attention, with grouped kv heads and a KV cache for decoding.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .attention import attention_with_kvcache, scaled_dot_product_attention
 from .layernorm import NormOutput, layer_norm, rms_norm
 
 
@@ -76,4 +79,78 @@ class RMSNorm(_FusedNorm, torch.nn.RMSNorm):
         return self._run(rms_norm, x, residual, weight=self.weight, eps=eps)
 
 
-__all__ = ["LayerNorm", "RMSNorm"]
+class KVCache:
+    """Per-layer decoding state of :class:`CausalSelfAttention`: ``k``/``v`` of shape
+    ``(B, Hk, max_len, head_dim)`` and ``seqlens`` ``(B,)`` int32, the tokens held per row
+    (rows may hold different counts; set ``seqlens`` to start rows at other positions)."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.k = torch.zeros(batch, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+
+class CausalSelfAttention(torch.nn.Module):
+    """nanoGPT's causal self-attention on :func:`fastgpt.scaled_dot_product_attention`.
+
+    ``c_attn`` projects x ``(B, T, n_embd)`` to q, k, v in one GEMM and ``c_proj`` projects
+    the heads back; with ``n_kv_head == n_head`` (the default) the parameters and state_dict
+    keys are nanoGPT's, so its checkpoints load unchanged. ``n_kv_head`` < n_head (dividing
+    it) gives grouped-query attention: c_attn then has ``n_embd + 2 * n_kv_head * head_dim``
+    outputs, q's first. ``dropout`` applies to the attention weights (in training; served by
+    the torch backend) and to the output, as in nanoGPT.
+
+    ``forward(x, cache=None)``: without a cache, causal attention over x's T tokens. With a
+    :class:`KVCache` (from :meth:`new_cache`), x holds each row's next T tokens: their k and v
+    are written into the cache at each row's position, the queries attend over everything the
+    row holds, and ``cache.seqlens`` advances by T. ``backend`` (attribute) pins a backend.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None,
+                 bias: bool = True, dropout: float = 0.0, device=None, dtype=None, *,
+                 backend: Optional[str] = None):
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_embd % n_head:
+            raise ValueError(f"CausalSelfAttention: n_embd={n_embd} must be a multiple of "
+                             f"n_head={n_head}")
+        if n_kv_head < 1 or n_head % n_kv_head:
+            raise ValueError(f"CausalSelfAttention: n_kv_head={n_kv_head} must divide "
+                             f"n_head={n_head}")
+        self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
+        self.head_dim = n_embd // n_head
+        self.dropout = dropout
+        self.backend = backend
+        factory = dict(device=device, dtype=dtype)
+        self.c_attn = torch.nn.Linear(n_embd, n_embd + 2 * n_kv_head * self.head_dim, bias=bias,
+                                      **factory)
+        self.c_proj = torch.nn.Linear(n_embd, n_embd, bias=bias, **factory)
+        self.resid_dropout = torch.nn.Dropout(dropout)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens, in the weights' dtype."""
+        w = self.c_attn.weight
+        return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype=w.dtype,
+                       device=w.device)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv, kv], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is None:
+            y = scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True,
+                enable_gqa=self.n_kv_head != self.n_head, backend=self.backend)
+        else:
+            y = attention_with_kvcache(q, cache.k, cache.v, cache.seqlens, k, v,
+                                       backend=self.backend)
+            cache.seqlens += T
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+__all__ = ["CausalSelfAttention", "KVCache", "LayerNorm", "RMSNorm"]

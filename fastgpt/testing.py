@@ -30,13 +30,16 @@ def as_tuple(out: Any) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def compare(out: Any, eager: Any, reference: Any) -> str | None:
+def compare(out: Any, eager: Any, reference: Any, atol: float = 0.0) -> str | None:
     """None if `out` passes the check, else a one-line description of the first failure.
 
     `eager` is eager PyTorch's output at the same dtype and `reference` eager's output on
     float64 inputs (each a tensor, None, or a tuple of them). Per output: same dtype and
     shape as eager's, NaN exactly where the reference has NaN, and
-    max|out - reference| <= 2 * max|eager - reference| + CHECK_TOLERANCE[dtype] * RMS(reference).
+    max|out - reference| <= 2 * max|eager - reference| + CHECK_TOLERANCE[dtype] * RMS(reference)
+    + atol. `atol` is for outputs the math makes exactly zero where eager's arithmetic is exact
+    too but a fused kernel's is not (attention's dq and dk with a single key: softmax over one
+    element has zero gradient); give it on the scale of the inputs.
     """
     outs, eagers, refs = as_tuple(out), as_tuple(eager), as_tuple(reference)
     if len(outs) != len(eagers):
@@ -59,7 +62,7 @@ def compare(out: Any, eager: Any, reference: Any) -> str | None:
             return diff.max().item() if diff.numel() else 0.0
 
         rms = r[finite].square().mean().sqrt().item() if finite.any() else 0.0
-        floor = CHECK_TOLERANCE.get(e.dtype, CHECK_TOLERANCE[torch.float32]) * rms
+        floor = CHECK_TOLERANCE.get(e.dtype, CHECK_TOLERANCE[torch.float32]) * rms + atol
         error, eager_error = max_error(a), max_error(e)
         if not error <= 2 * eager_error + floor:  # `not <=`: a NaN error fails too
             return (
@@ -67,3 +70,31 @@ def compare(out: Any, eager: Any, reference: Any) -> str | None:
                 f"{2 * eager_error + floor:.3g} (2 x eager's {eager_error:.3g} + floor {floor:.3g})"
             )
     return None
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+                    scale: float | None = None,
+                    attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention as eager PyTorch writes it, the L x S softmax materialised, in the inputs' dtype:
+    in float64 the reference of fastgpt's attention tests and benchmarks, at a low precision the
+    "eager" of the accuracy rule, and the eager baseline of ``fastgpt bench attention``.
+
+    q ``(..., Hq, L, E)``, k ``(..., Hk, S, E)``, v ``(..., Hk, S, Ev)``; kv heads that divide
+    Hq are repeated to it (GQA); causal is torch's top-left ``tril``; a bool mask is True where
+    attention is allowed, a float mask is added to the scores. A row with no visible key gives
+    NaN here (torch's SDPA gives zeros); the tests compare such rows with torch itself.
+    """
+    hq = q.shape[-3] if q.dim() >= 3 else 1
+    hk = k.shape[-3] if k.dim() >= 3 else 1
+    if hq != hk and hk != 1:
+        k = k.repeat_interleave(hq // hk, dim=-3)
+        v = v.repeat_interleave(hq // hk, dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    return torch.softmax(scores, dim=-1) @ v

@@ -30,8 +30,8 @@ def choice(op, x, *params, backend=None):
     return next(name for name, impl in op.impls.items() if impl.run is run)
 
 
-def assert_close_rule(name, out, out_eager, ref):
+def assert_close_rule(name, out, out_eager, ref, atol=0.0):
     """fastgpt.testing.compare as an assertion: max error at a dtype <= 2x eager PyTorch's at
     that dtype (+ a small floor), both against the float64 reference; NaN where it has NaN."""
-    failure = compare(out, out_eager, ref)
+    failure = compare(out, out_eager, ref, atol)
     assert failure is None, f"{name}: {failure}"

@@ -23,7 +23,10 @@ def test_bench_quick_writes_checked_results(tmp_path):
     proc = _fastgpt("bench", "--quick", "--no-compile", "--device", "cpu", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json"))
-    assert files == ["layernorm", "rmsnorm"]
+    assert files == ["attention", "layernorm", "rmsnorm"]
+    variants = {"attention": {"fwd-causal", "bwd-causal", "fwd+bwd-causal"},
+                "layernorm": {"fwd", "fwd+grad", "fwd+residual", "bwd", "bwd+residual"}}
+    variants["rmsnorm"] = variants["layernorm"]
     for path in tmp_path.glob("*.json"):
         result = json.loads(path.read_text())
         assert result["device"]["kind"] == "cpu" and result["device"]["name"]
@@ -32,7 +35,7 @@ def test_bench_quick_writes_checked_results(tmp_path):
         heap = result["cpu_heap"]
         assert not heap["requested"] and not heap["applied"] and heap["first_touch_gbps"] is None, heap
         native = [r for r in result["rows"] if r["contender"] == "fastgpt.native"]
-        assert {r["variant"] for r in native} == {"fwd", "fwd+grad", "fwd+residual", "bwd", "bwd+residual"}
+        assert {r["variant"] for r in native} == variants[result["case"]]
         for row in native:
             assert row["status"] == "ok" and row["ms"] > 0 and row["bytes"] > 0, row
             assert row["speedup"]["torch.eager"] > 0, row
@@ -95,7 +98,7 @@ def test_fwd_grad_records_autograd_and_times_only_the_forward():
 def test_default_cpu_plan_times_fwd_grad_on_the_decode_row_only():
     from fastgpt.bench import CASES
 
-    for case in CASES.values():
+    for case in (CASES["layernorm"], CASES["rmsnorm"]):
         problems = case.problems("cpu", None, quick=False)
         grad = {(p.shape, p.dtype) for p in problems if p.variant == "fwd+grad"}
         assert grad == {((8, 768), torch.float32)}, case.name
@@ -151,3 +154,62 @@ def test_cpu_timing_interleaves_contenders_and_keeps_failures_apart():
     runs = [name for i, name in enumerate(order) if i == 0 or name != order[i - 1]]
     assert runs[:4] == ["a", "b", "a", "b"] and order.count("b") == 3
     assert order.count("a") >= CPU_ROUNDS + 1
+
+
+def test_bench_attention_rows_and_work():
+    from fastgpt.bench import CASES
+    from fastgpt.bench.attention import attention_flops
+
+    case = CASES["attention"]
+    (fwd, bwd, both) = case.problems("cpu", None, quick=False)
+    assert fwd.shape == (4, 12, 1024, 64) and fwd.dtype == torch.float32
+    # FlashAttention's convention: 4*B*H*L*S*D, halved when causal; backward 2.5x forward
+    assert fwd.flops == 4 * 4 * 12 * 1024 * 1024 * 64 // 2
+    assert bwd.flops == fwd.flops * 5 // 2 and both.flops == fwd.flops * 7 // 2
+    assert attention_flops(1, 1, 8, 8, 4, causal=False) == 4 * 8 * 8 * 4
+    names = [c.name for c in case.contenders(fwd, "cpu", compile=True)]
+    assert names[:3] == ["torch.eager", "torch.compile", "torch.sdpa"]
+    assert "torch.sdpa[math]" in names and "fastgpt.native" in names
+    # fwd+bwd times the forward and the backward in each call
+    workload = case.workload(both, "cpu")
+    assert workload.with_forward and workload.grad_outputs is not None
+
+
+def test_profile_attention_end_to_end(tmp_path):
+    out = tmp_path / "p.json"
+    proc = _fastgpt("profile", "attention", "--seq-lens", "64,200", "--heads", "2",
+                    "--head-dim", "16", "--causal", "--backward", "--device", "cpu",
+                    "--json", str(out), "--plot", str(tmp_path / "p.png"),
+                    "--trace", str(tmp_path / "traces"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = result["contenders"]
+    assert names[:2] == ["eager", "sdpa"] and "fastgpt.native" in names
+    points = {(p["contender"], p["seq_len"]): p for p in result["points"]}
+    assert set(points) == {(n, t) for n in names for t in (64, 200)}
+    for p in points.values():
+        assert p["status"] == "ok" and p["ms"] > 0 and p["peak_mib"] is not None, p
+    # eager's T x T matrices (B=1, H=2, fp32, with the backward's) show in its peak
+    assert points[("eager", 200)]["peak_mib"] > points[("eager", 64)]["peak_mib"]
+    assert "T=200: sdpa:" in proc.stdout and "x eager" in proc.stdout
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    traces = sorted(p.name for p in (tmp_path / "traces").iterdir())
+    assert "attention-fastgpt.native-T200.json" in traces and len(traces) == 2 * len(names)
+    assert "6/6" in proc.stderr or f"{2 * len(names)}/{2 * len(names)}" in proc.stderr
+
+
+def test_profile_marks_out_of_memory_as_a_result():
+    from fastgpt.bench import profile
+
+    # Eager's T x T score matrix (B=1, H=16, T=262144, fp32: 4 TiB) cannot be allocated: the
+    # point is recorded as OOM (the inputs, 128 MiB each, can), and longer lengths are not run.
+    spec = profile.Spec(device="cpu", seq_lens=[262144, 524288], heads=16, head_dim=8,
+                        contenders=["eager"])
+    result = profile.run(spec)
+    assert [p["status"] for p in result["points"]] == ["oom"], result["points"]
+
+
+def test_profile_usage_errors():
+    assert _fastgpt("profile").returncode == 2
+    assert _fastgpt("profile", "attention", "--seq-lens", "0,5").returncode == 2
+    assert _fastgpt("profile", "attention", "--batch", "0").returncode == 2

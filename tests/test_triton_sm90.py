@@ -1,9 +1,10 @@
 """The Triton kernels compile for sm_90a, as a GPU launch would compile them, with or without
-a GPU here; and they stay inside the register budget that kernels/layernorm.py documents.
+a GPU here; and they stay inside the resource budgets their modules document.
 
 The interpreter (which runs the Triton tests on CPU) accepts programs the compiler rejects,
-and cannot say anything about registers; tests/triton_sm90.py compiles the real launch
-variants to cubin in a separate process (the interpreter owns the kernels in this one).
+and cannot say anything about registers, shared memory or instructions; tests/triton_sm90.py
+compiles the real launch variants to cubin in separate processes (the interpreter owns the
+kernels in this one).
 """
 import json
 import os
@@ -12,13 +13,37 @@ import sys
 
 import pytest
 
+from fastgpt.kernels import attention
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import triton_sm90  # noqa: E402
 
-# Spill budget of the backward (kernels/layernorm.py, "Register budget"): a few registers' worth
-# where a row of 8192 fp32 sits in registers, not the hundreds of bytes a longer row would cost.
-BWD_MAX_SPILL_BYTES = 32
+# The kernels each op's launchers compile.
+KERNELS = {
+    "layernorm": {"_norm_fwd_kernel", "_norm_bwd_kernel", "_norm_bwd_row_terms_kernel"},
+    "attention": {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
+                  "_attn_bwd_dq_kernel"},
+}
+
+# Spill budget of the layernorm backward (kernels/layernorm.py, "Register budget"): a few
+# registers' worth where a row of 8192 fp32 sits in registers, not the hundreds of bytes a
+# longer row would cost.
+NORM_BWD_MAX_SPILL_BYTES = 32
+
+# The attention kernels that hold tiles for tl.dot, by the name kernels/attention.py's config
+# tables use for them.
+ATTN_DOT_KERNELS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv",
+                    "_attn_bwd_dq_kernel": "dq"}
+
+# Shared memory a thread block may use on an H100 (sm_90: 227 KiB of the SM's 228 KiB).
+SM90_MAX_SHARED_BYTES = 227 * 1024
+
+# Spill budget of the attention kernels per dtype. 16-bit: none. fp32 (exact products on the
+# FMA units, the accurate path rather than the fast one): ptxas keeps the dk/dv kernel at ~80
+# registers with 8 warps and spills 8-12 bytes in the non-causal variant (seen at head dims 64
+# and 128, triton 3.9), a couple of registers' worth; larger tiles spill kilobytes instead.
+ATTN_MAX_SPILL_BYTES = {"fp16": 0, "bf16": 0, "fp32": 16}
 
 
 @pytest.fixture(scope="module")
@@ -27,33 +52,88 @@ def compiled(tmp_path_factory):
     env.pop("TRITON_INTERPRET", None)
     # A fresh cache: every variant really goes through the compiler and ptxas.
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "triton_sm90.py")], env=env,
-                          capture_output=True, text=True, timeout=1200)
+    jobs = max(1, min(os.cpu_count() or 1, 4))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "triton_sm90.py"), "--jobs", str(jobs)],
+        env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def _case_key(op, dtype, hidden, opts):
-    return (op, dtype, hidden, tuple(sorted(opts.items())))
+def _case_key(suite, case):
+    return suite, json.dumps(case, sort_keys=True)
+
+
+def _suite(compiled, name):
+    return [r for r in compiled if r["suite"] == name]
+
+
+def _config_key(config):
+    return config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"]
 
 
 def test_every_launch_variant_compiles_for_sm90(compiled):
-    expected = {_case_key(op, dt, n, opts) for dt, n, op, opts in triton_sm90._cases()}
-    seen = {_case_key(r["op"], r["dtype"], r["hidden"],
-                      {k: r[k] for k in ("rms", "residual", "dh", "affine", "params_fp32") if k in r})
-            for r in compiled}
+    expected = {_case_key(suite, case) for suite, case in triton_sm90.cases()}
+    seen = {_case_key(r["suite"], r["case"]) for r in compiled}
     assert seen == expected
     assert {r["arch"] for r in compiled} == {90}
-    kernels = {r["kernel"] for r in compiled}
-    assert kernels == {"_norm_fwd_kernel", "_norm_bwd_kernel", "_norm_bwd_row_terms_kernel"}
 
 
-def test_forward_kernels_do_not_spill(compiled):
-    spilled = [r for r in compiled if r["op"] == "fwd" and r["spill_store_bytes"]]
+@pytest.mark.parametrize("suite", sorted(KERNELS))
+def test_each_op_compiles_all_its_kernels(compiled, suite):
+    assert {r["kernel"] for r in _suite(compiled, suite)} == KERNELS[suite]
+
+
+def test_layernorm_forward_kernels_do_not_spill(compiled):
+    spilled = [r for r in _suite(compiled, "layernorm")
+               if r["case"]["op"] == "fwd" and r["spill_store_bytes"]]
     assert not spilled, spilled
 
 
-def test_backward_kernels_stay_within_the_spill_budget(compiled):
-    over = [r for r in compiled
-            if r["op"] == "bwd" and r["spill_store_bytes"] > BWD_MAX_SPILL_BYTES]
+def test_layernorm_backward_kernels_stay_within_the_spill_budget(compiled):
+    over = [r for r in _suite(compiled, "layernorm")
+            if r["case"]["op"] == "bwd" and r["spill_store_bytes"] > NORM_BWD_MAX_SPILL_BYTES]
+    assert not over, over
+
+
+def test_attention_compiles_every_config_its_autotuner_can_pick(compiled):
+    records = _suite(compiled, "attention")
+    for name, kernel in ATTN_DOT_KERNELS.items():
+        # Every config of the kernel's tables is compiled somewhere...
+        seen = {_config_key(r["config"]) for r in records if r["kernel"] == name}
+        assert seen == {_config_key(dict(c.kwargs, num_warps=c.num_warps,
+                                         num_stages=c.num_stages))
+                        for c in attention._configs(kernel)}, name
+        # ...and a case compiled at full strength compiles the whole table row of its launch.
+        for key, case in {_case_key("attention", r["case"]): r["case"] for r in records}.items():
+            if case["configs"] != "all" or (name == "_attn_fwd_kernel") != (case["op"] == "fwd"):
+                continue
+            block = attention._block(case["head_dim"])
+            size = triton_sm90.DTYPES[case["dtype"]].itemsize
+            want = [_config_key(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+                    for c in attention._configs_for(kernel, block, block, size)]
+            got = [_config_key(r["config"]) for r in records
+                   if r["kernel"] == name and _case_key("attention", r["case"]) == key]
+            assert got == want, (name, case)
+
+
+def test_attention_16bit_dots_run_on_tensor_cores(compiled):
+    dots = [r for r in _suite(compiled, "attention") if r["kernel"] in ATTN_DOT_KERNELS]
+    assert {r["case"]["dtype"] for r in dots} == {"fp16", "bf16", "fp32"}
+    missing = [r for r in dots if r["case"]["dtype"] != "fp32" and not r["tensor_cores"]]
+    assert not missing, missing
+    # fp32 asks for exact products (input_precision="ieee"): a tensor-core dot there would be
+    # tf32, 10 mantissa bits.
+    tf32 = [r for r in dots if r["case"]["dtype"] == "fp32" and r["tensor_cores"]]
+    assert not tf32, tf32
+
+
+def test_attention_shared_memory_fits_an_h100_block(compiled):
+    over = [r for r in _suite(compiled, "attention") if r["shared"] > SM90_MAX_SHARED_BYTES]
+    assert not over, over
+
+
+def test_attention_kernels_stay_within_the_spill_budget(compiled):
+    over = [r for r in _suite(compiled, "attention")
+            if r["spill_store_bytes"] > ATTN_MAX_SPILL_BYTES[r["case"]["dtype"]]]
     assert not over, over

@@ -24,6 +24,7 @@
 // not E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std. Row sums are
 // blocked (see row_sums) so float rounding error does not grow with N.
 #include "cpu/layernorm.h"
+#include "cpu/simd.h"
 
 #include <ATen/Parallel.h>
 
@@ -48,25 +49,6 @@
 // without them it silently runs every row on one thread.
 #if !defined(INTRA_OP_PARALLEL)
 #error "layernorm.cpp must be compiled with -fopenmp (ATen/Parallel.h would run serially)"
-#endif
-
-// Helpers called from the multiversioned row functions must be inlined into them: an
-// out-of-line helper is compiled once, for the baseline ISA, whichever clone calls it.
-#define FASTGPT_INLINE inline __attribute__((always_inline))
-
-// Clones can name the x86-64-v3/v4 levels from GCC 12 on. Older GCC (e.g. 11, seen to build
-// and pass here) and Clang dispatch on single features instead: AVX512F alone lacks the BW
-// word instructions the bf16 conversions use (bf16 measured up to 2x slower; fp32 the same)
-// and AVX2 alone lacks FMA.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#if !defined(__clang__) && __GNUC__ >= 12
-#define FASTGPT_SIMD_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTGPT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#else
-#define FASTGPT_SIMD_CLONES
 #endif
 
 namespace fastgpt {
