@@ -22,6 +22,9 @@ PY=${PYTHON:-python3}
 # module:requirement, installed when the module cannot be imported
 BUILD_DEPS=(ninja:ninja)
 TEST_DEPS=(pytest:pytest pytest_benchmark:pytest-benchmark "numpy:numpy<2.4" "matplotlib:matplotlib")
+# Tried, but the tests run without them (their tests skip): transformers, for the drop-in test
+# of Hugging Face's SDPA attention path. A machine without network (the GPU image) goes on.
+OPTIONAL_TEST_DEPS=(transformers:transformers)
 
 has() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
@@ -34,6 +37,17 @@ install_missing() {
     echo "run.sh: installing ${missing[*]} into $PY" >&2
     "$PY" -m pip install -q "${missing[@]}"
   fi
+}
+
+install_optional() {
+  local dep
+  for dep in "$@"; do
+    if ! has "${dep%%:*}"; then
+      echo "run.sh: installing optional ${dep#*:} into $PY" >&2
+      "$PY" -m pip install -q "${dep#*:}" ||
+        echo "run.sh: could not install ${dep#*:}; the tests that need it are skipped" >&2
+    fi
+  done
 }
 
 setup() {
@@ -61,6 +75,7 @@ cmd=${1:-}
 case "$cmd" in
   test)
     setup "${BUILD_DEPS[@]}" "${TEST_DEPS[@]}"
+    install_optional "${OPTIONAL_TEST_DEPS[@]}"
     # No path given: pytest runs pyproject.toml's testpaths (tests/); a path runs only that.
     exec "$PY" -m pytest "$@"
     ;;

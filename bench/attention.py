@@ -143,4 +143,78 @@ def _pinned(backend: Any, causal: bool) -> Callable[..., Any]:
     return run
 
 
-CASES = (AttentionCase(),)
+# Decoding plan per device: rows of (dtype, (B, Hq, Hk, T, D)), one new query per row over a
+# cache of T tokens. CPU: GPT-2's attention (12 heads of 64), the model issue's CPU decode.
+# GPU: a Llama-style GQA layer (32 query heads, 8 kv heads of 128), caches 1k..32k, batch 1
+# (where split-KV must fill the GPU) and 8.
+DECODE_PLAN = {
+    "cpu": [(torch.float32, (b, 12, 12, t, 64)) for b in (1, 8) for t in (1024, 8192)],
+    "cuda": [(torch.bfloat16, (b, 32, 8, t, 128)) for b in (1, 8)
+             for t in (1024, 4096, 16384, 32768)],
+}
+DECODE_QUICK = [(1, 2, 1, 256, 32)]
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    """Benchmark case `decode`: fastgpt.attention_with_kvcache for one new token per batch row
+    over a full cache of T tokens (B x Hq x Hk x T x D), against eager attention (K/V repeated
+    to every query head, as eager GQA code does), torch.compile of it, and torch's SDPA
+    (enable_gqa). Bytes are the K and V cache read once plus q and out; % copy is the share of
+    the device's copy bandwidth that reading reaches, the bound of decoding."""
+
+    name: str = "decode"
+    baselines: tuple[str, ...] = ("torch.eager", "torch.sdpa")
+
+    def problems(
+        self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool,
+        shapes: Sequence[tuple[int, ...]] | None = None,
+    ) -> list[Problem]:
+        for shape in shapes or ():
+            if len(shape) != 5 or min(shape) < 1 or shape[1] % shape[2]:
+                raise ValueError(f"{self.name} takes shapes BxHqxHkxTxD with all >= 1 and Hk "
+                                 f"dividing Hq, got {'x'.join(map(str, shape))}")
+        plan = DECODE_PLAN[device]
+        plan_dtypes = list(dict.fromkeys(d for d, _ in plan))
+        rows = [(d, shape) for d in dtypes or plan_dtypes
+                for shape in shapes or (DECODE_QUICK if quick else [s for _, s in plan])]
+        return [Problem("decode", shape, dtype, self.bytes(shape, dtype),
+                        4 * shape[0] * shape[1] * shape[3] * shape[4], tokens=shape[0])
+                for dtype, shape in rows]
+
+    @staticmethod
+    def bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        b, hq, hk, t, d = shape
+        return (2 * b * hk * t * d + 2 * b * hq * d) * dtype.itemsize
+
+    def workload(self, problem: Problem, device: str) -> Workload:
+        b, hq, hk, t, d = problem.shape
+        generator = torch.Generator(device=device).manual_seed(0)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device=device, dtype=problem.dtype)
+
+        lengths = torch.full((b,), t, dtype=torch.int32, device=device)
+        return Workload((randn(b, hq, 1, d), randn(b, hk, t, d), randn(b, hk, t, d), lengths))
+
+    def contenders(self, problem: Problem, device: str, compile: bool) -> list[Contender]:
+        group = problem.shape[1] // problem.shape[2]
+
+        def eager(q, k_cache, v_cache, lengths):
+            k = k_cache.repeat_interleave(group, dim=1)
+            v = v_cache.repeat_interleave(group, dim=1)
+            return eager_attention(q, k, v)
+
+        def fastgpt_fn(backend: str) -> Callable[..., Any]:
+            return lambda q, k_cache, v_cache, lengths: fastgpt.attention_with_kvcache(
+                q, k_cache, v_cache, lengths, backend=backend)
+
+        contenders = standard_contenders(eager, fastgpt_fn, device, compile)
+        sdpa = Contender("torch.sdpa", lambda q, k, v, lengths: F.scaled_dot_product_attention(
+            q, k, v, enable_gqa=group > 1))
+        first_fastgpt = next((i for i, c in enumerate(contenders) if c.name.startswith("fastgpt.")),
+                             len(contenders))
+        return contenders[:first_fastgpt] + [sdpa] + contenders[first_fastgpt:]
+
+
+CASES = (AttentionCase(), DecodeCase())

@@ -62,6 +62,8 @@ class Problem:
     # Set by cases whose ceiling is arithmetic (GEMM epilogues, attention): percent of the
     # torch.matmul rate at this dtype is reported next to TFLOP/s.
     gemm_dtype: torch.dtype | None = None
+    # Set by cases that produce tokens (decoding): tokens per call, reported as tokens/s.
+    tokens: int = 0
 
     @property
     def label(self) -> str:
@@ -466,6 +468,7 @@ def _add_rates(rows: list[dict], problem: Problem, session: Session, baselines: 
             if r["tflops"] and problem.gemm_dtype is not None
             else None
         )
+        r["tokens_per_s"] = problem.tokens / ms * 1e3 if ms and problem.tokens else None
         r["speedup"] = {b: times[b] / ms for b in baselines if ms and b in times}
 
 
@@ -597,13 +600,16 @@ def _table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     gemm = any(r["pct_gemm"] is not None for r in rows)
     flops = any(r["tflops"] is not None for r in rows)
     peak = any(r.get("peak_mib") is not None for r in rows)
-    headers = ["variant", "shape", "dtype", "contender", "ms", "GB/s", "% copy"]
+    tokens = any(r.get("tokens_per_s") is not None for r in rows)
+    headers = ["variant", "shape", "dtype", "contender", "ms"] + ["tokens/s"] * tokens
+    headers += ["GB/s", "% copy"]
     headers += ["TFLOP/s"] * flops + ["% gemm"] * gemm + ["peak MiB"] * peak
     headers += [f"x {b}" for b in result["baselines"]] + ["status"]
     body = []
     for r in rows:
         cells = [r["variant"], shape_label(r["shape"]), r["dtype"], r["contender"]]
-        cells += [_fmt(r["ms"], ".3f"), _fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".0f")]
+        cells += [_fmt(r["ms"], ".3f")] + [_fmt(r.get("tokens_per_s"), ".0f")] * tokens
+        cells += [_fmt(r["gbps"], ".1f"), _fmt(r["pct_copy"], ".0f")]
         cells += [_fmt(r["tflops"], ".3g")] * flops + [_fmt(r["pct_gemm"], ".0f")] * gemm
         cells += [_fmt(r.get("peak_mib"), ".0f")] * peak
         cells += [_fmt(r["speedup"].get(b), ".2f") for b in result["baselines"]]

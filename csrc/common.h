@@ -4,6 +4,14 @@
 #pragma once
 #include <cstdint>
 
+// Marks the small index helpers of the CUDA kernels (csrc/cuda/*_index.h) that the CPU test
+// suite also compiles and runs with the host compiler (tests/test_cuda_index.py).
+#ifdef __CUDACC__
+#define FASTGPT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FASTGPT_HOST_DEVICE inline
+#endif
+
 namespace fastgpt {
 
 // Element types the kernels know. Each kernel header says which of them it serves.

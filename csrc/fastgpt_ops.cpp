@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "cpu/attention.h"
+#include "cpu/linear.h"
 #include "cpu/layernorm.h"
 
 #if defined(__linux__)
@@ -29,7 +30,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/attention.h"
 #include "cuda/layernorm.h"
+#include "cuda/linear.h"
 #endif
 
 // The CUDA architectures the kernels were compiled for (setup.py), reported to Python so that
@@ -558,7 +561,7 @@ void check_size(const Tensor& t, const char* name, int64_t dim, int64_t want, co
 }
 
 // The shape of an attention call, after checking q, k, v against each other.
-cpu::AttentionShape attention_shape(const Tensor& q, const Tensor& k, const Tensor& v,
+AttentionShape attention_shape(const Tensor& q, const Tensor& k, const Tensor& v,
                                     double scale) {
   check_heads_layout(q, "q", "(B, Hq, L, E)");
   check_heads_layout(k, "k", "(B, Hk, S, E)");
@@ -579,7 +582,7 @@ cpu::AttentionShape attention_shape(const Tensor& q, const Tensor& k, const Tens
   TORCH_CHECK(hk == 0 || hq % hk == 0, "fastgpt: attention: q's head count ", hq,
               " must be a multiple of k and v's head count ", hk);
   TORCH_CHECK(std::isfinite(scale), "fastgpt: attention: scale must be finite, got ", scale);
-  cpu::AttentionShape sh;
+  AttentionShape sh;
   sh.batch = q.size(0);
   sh.q_heads = hq;
   sh.kv_heads = hk;
@@ -595,13 +598,13 @@ Tensor unit_rows(const Tensor& t) {
   return t.stride(3) == 1 || t.size(3) == 1 ? t : t.contiguous();
 }
 
-cpu::RowStrides row_strides(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+RowStrides row_strides(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 // Forward operands after checks, with the outputs allocated: out (B, Hq, L, Ev) in q's dtype,
 // lse (B, Hq, L) in the statistics dtype, both contiguous.
 struct AttnFwd {
-  cpu::AttentionShape sh;
-  cpu::AttentionMask mask;
+  AttentionShape sh;
+  AttentionMask mask;
   double scale;
   Tensor q, k, v;
   Tensor out, lse;
@@ -634,7 +637,7 @@ AttnBwd prepare_attention_backward(const Tensor& dout, const Tensor& q, const Te
   b.f.sh = attention_shape(q, k, v, scale);
   b.f.mask.causal = is_causal;
   b.f.scale = scale;
-  const cpu::AttentionShape& sh = b.f.sh;
+  const AttentionShape& sh = b.f.sh;
   const std::vector<int64_t> out_shape{sh.batch, sh.q_heads, sh.q_len, sh.v_dim};
   for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{dout, "grad_out"},
                                 std::pair<const Tensor&, const char*>{out, "out"}}) {
@@ -678,12 +681,168 @@ void attention_bwd_cpu(AttnBwd& b) {
                      b.dv.data_ptr());
 }
 
-// One implementation per device, as for the norms: a CUDA kernel adds a struct like this one
-// (with its own dtype table and checks) and one register_attention_impls<> line.
+// Decoding operands after checks: q (B, Hq, Tq, E), the caches (B, Hk, Tmax, E / Ev) with the
+// new tokens already written, kv_lens (B,) int32; out (B, Hq, Tq, Ev) allocated, contiguous.
+struct AttnKv {
+  AttentionShape sh;
+  double scale;
+  Tensor q, k, v, kv_lens;
+  Tensor out;
+};
+
+AttnKv prepare_attention_with_kvcache(const Tensor& q, const Tensor& k_cache,
+                                      const Tensor& v_cache, const Tensor& kv_lens, double scale) {
+  AttnKv a;
+  a.sh = attention_shape(q, k_cache, v_cache, scale);
+  TORCH_CHECK(kv_lens.dim() == 1 && kv_lens.size(0) == a.sh.batch &&
+                  kv_lens.scalar_type() == at::kInt && kv_lens.device() == q.device(),
+              "fastgpt: attention_with_kvcache: kv_lens must be an int32 tensor of shape (",
+              a.sh.batch, ",) on ", q.device(), ", got ", kv_lens.scalar_type(), " ",
+              kv_lens.sizes(), " on ", kv_lens.device());
+  a.scale = scale;
+  a.q = unit_rows(q);
+  a.k = unit_rows(k_cache);
+  a.v = unit_rows(v_cache);
+  a.kv_lens = kv_lens.contiguous();
+  a.out = at::empty({a.sh.batch, a.sh.q_heads, a.sh.q_len, a.sh.v_dim}, q.options());
+  return a;
+}
+
+void attention_with_kvcache_cpu(AttnKv& a) {
+  const DType dtype = served_dtype(a.q, cpu::kAttentionDTypes, "CPU", "attention", "q");
+  const int32_t* lens = a.kv_lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < a.sh.batch; ++b) {
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= a.sh.kv_len, "fastgpt: attention_with_kvcache: "
+                "kv_lens[", b, "] = ", lens[b], " is outside [0, Tmax = ", a.sh.kv_len, "]");
+  }
+  cpu::attention_with_kvcache(dtype, a.sh, a.scale, a.q.data_ptr(), row_strides(a.q),
+                              a.k.data_ptr(), row_strides(a.k), a.v.data_ptr(), row_strides(a.v),
+                              lens, a.out.data_ptr());
+}
+
+// One implementation per device, as for the norms: a struct naming the device's kernels (each
+// with its own dtype table and checks) and one register_attention_impls<> line.
 struct CpuAttention {
   static constexpr auto fwd = &attention_fwd_cpu;
   static constexpr auto bwd = &attention_bwd_cpu;
+  static constexpr auto kvcache = &attention_with_kvcache_cpu;
 };
+
+#ifdef FASTGPT_WITH_CUDA
+// The CUDA kernels read every row as whole 16-byte vectors (cuda/attention.h): an operand whose
+// data pointer or strides break that, or whose head dim is not a multiple of 8, is copied into a
+// contiguous tensor with the head dim zero-padded to one (zero q/k columns add nothing to the
+// scores, zero v columns give output columns that are cut off again). Operands of one call are
+// padded alike, so head dims stay consistent. Models' head dims (64, 80, 128) never copy.
+int64_t cuda_head_dim(int64_t d) {
+  return (d + cuda::kAttentionDimMultiple - 1) / cuda::kAttentionDimMultiple *
+         cuda::kAttentionDimMultiple;
+}
+
+Tensor cuda_rows(const Tensor& t) {
+  const int64_t d = t.size(3), padded = cuda_head_dim(d);
+  bool aligned = padded == d && (t.stride(3) == 1 || d == 1) &&
+                 reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3; ++i) {
+    aligned = aligned && (t.size(i) == 1 || t.stride(i) % cuda::kAttentionDimMultiple == 0);
+  }
+  if (aligned) return t;
+  return at::constant_pad_nd(t, {0, padded - d}).contiguous();
+}
+
+// Strides as the CUDA kernels take them: a dimension of size 1 is never stepped over, so its
+// stride (which may be anything, e.g. after unsqueeze) is passed as 0.
+RowStrides cuda_strides(const Tensor& t) {
+  return {t.size(0) == 1 ? 0 : t.stride(0), t.size(1) == 1 ? 0 : t.stride(1),
+          t.size(2) == 1 ? 0 : t.stride(2)};
+}
+
+// t's first `d` columns, contiguous (t itself when it has exactly d).
+Tensor cut_head_dim(const Tensor& t, int64_t d) {
+  return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous();
+}
+
+AttentionShape padded_shape(AttentionShape sh) {
+  sh.qk_dim = cuda_head_dim(sh.qk_dim);
+  sh.v_dim = cuda_head_dim(sh.v_dim);
+  return sh;
+}
+
+void check_cuda_head_dims(const AttentionShape& sh) {
+  TORCH_CHECK(sh.qk_dim <= cuda::kAttentionMaxHeadDim && sh.v_dim <= cuda::kAttentionMaxHeadDim,
+              "fastgpt: the native CUDA attention kernels support head dims up to ",
+              cuda::kAttentionMaxHeadDim, "; got E = ", sh.qk_dim, ", Ev = ", sh.v_dim);
+}
+
+void attention_fwd_cuda(AttnFwd& f) {
+  const DType dtype = served_dtype(f.q, cuda::kAttentionDTypes, "CUDA", "attention", "q");
+  check_cuda_head_dims(f.sh);
+  const c10::cuda::CUDAGuard guard(f.q.device());
+  const Tensor q = cuda_rows(f.q), k = cuda_rows(f.k), v = cuda_rows(f.v);
+  const AttentionShape sh = padded_shape(f.sh);
+  Tensor out = sh.v_dim == f.sh.v_dim
+                   ? f.out
+                   : at::empty({sh.batch, sh.q_heads, sh.q_len, sh.v_dim}, f.q.options());
+  C10_CUDA_CHECK(cuda::attention_fwd(
+      dtype, sh, f.mask, static_cast<float>(f.scale), q.data_ptr(), cuda_strides(q),
+      k.data_ptr(), cuda_strides(k), v.data_ptr(), cuda_strides(v), out.data_ptr(),
+      f.lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(f.q.get_device())));
+  f.out = cut_head_dim(out, f.sh.v_dim);
+}
+
+void attention_bwd_cuda(AttnBwd& b) {
+  const DType dtype = served_dtype(b.f.q, cuda::kAttentionDTypes, "CUDA", "attention", "q");
+  check_cuda_head_dims(b.f.sh);
+  const c10::cuda::CUDAGuard guard(b.f.q.device());
+  const Tensor q = cuda_rows(b.f.q), k = cuda_rows(b.f.k), v = cuda_rows(b.f.v);
+  const Tensor out = cuda_rows(b.f.out), dout = cuda_rows(b.dout);
+  const AttentionShape sh = padded_shape(b.f.sh);
+  const bool padded = sh.qk_dim != b.f.sh.qk_dim || sh.v_dim != b.f.sh.v_dim;
+  Tensor dq = padded ? at::empty(q.sizes(), q.options()) : b.dq;
+  Tensor dk = padded ? at::empty(k.sizes(), k.options()) : b.dk;
+  Tensor dv = padded ? at::empty(v.sizes(), v.options()) : b.dv;
+  Tensor workspace = at::empty({static_cast<int64_t>(cuda::attention_bwd_workspace_bytes(sh))},
+                               q.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::attention_bwd(
+      dtype, sh, b.f.mask, static_cast<float>(b.f.scale), dout.data_ptr(), cuda_strides(dout),
+      q.data_ptr(), cuda_strides(q), k.data_ptr(), cuda_strides(k), v.data_ptr(),
+      cuda_strides(v), out.data_ptr(), cuda_strides(out), b.f.lse.data_ptr<float>(),
+      dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), workspace.data_ptr(),
+      c10::cuda::getCurrentCUDAStream(b.f.q.get_device())));
+  b.dq = cut_head_dim(dq, b.f.sh.qk_dim);
+  b.dk = cut_head_dim(dk, b.f.sh.qk_dim);
+  b.dv = cut_head_dim(dv, b.f.sh.v_dim);
+}
+
+// kv_lens are not read on the host (that would synchronise every decoding step); the kernels
+// clamp each length into [0, Tmax], so a bad length can give a wrong row, never a stray read.
+// fastgpt.attention_with_kvcache checks them before it writes the caches.
+void attention_with_kvcache_cuda(AttnKv& a) {
+  const DType dtype = served_dtype(a.q, cuda::kAttentionDTypes, "CUDA", "attention", "q");
+  check_cuda_head_dims(a.sh);
+  const c10::cuda::CUDAGuard guard(a.q.device());
+  const Tensor q = cuda_rows(a.q), k = cuda_rows(a.k), v = cuda_rows(a.v);
+  const AttentionShape sh = padded_shape(a.sh);
+  Tensor out = sh.v_dim == a.sh.v_dim
+                   ? a.out
+                   : at::empty({sh.batch, sh.q_heads, sh.q_len, sh.v_dim}, a.q.options());
+  const int device = a.q.get_device();
+  Tensor workspace = at::empty(
+      {static_cast<int64_t>(cuda::attention_with_kvcache_workspace_bytes(sh, device))},
+      q.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::attention_with_kvcache(
+      dtype, sh, static_cast<float>(a.scale), q.data_ptr(), cuda_strides(q), k.data_ptr(),
+      cuda_strides(k), v.data_ptr(), cuda_strides(v), a.kv_lens.data_ptr<int32_t>(),
+      out.data_ptr(), workspace.data_ptr(), device, c10::cuda::getCurrentCUDAStream(device)));
+  a.out = cut_head_dim(out, a.sh.v_dim);
+}
+
+struct CudaAttention {
+  static constexpr auto fwd = &attention_fwd_cuda;
+  static constexpr auto bwd = &attention_bwd_cuda;
+  static constexpr auto kvcache = &attention_with_kvcache_cuda;
+};
+#endif  // FASTGPT_WITH_CUDA
 
 template <class Device>
 std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -704,9 +863,344 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& grad_out, co
 }
 
 template <class Device>
+Tensor attention_with_kvcache(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                              const Tensor& kv_lens, double scale) {
+  AttnKv a = prepare_attention_with_kvcache(q, k_cache, v_cache, kv_lens, scale);
+  Device::kvcache(a);
+  return a.out;
+}
+
+template <class Device>
 void register_attention_impls(torch::Library& m) {
   m.impl("attention", &attention<Device>);
   m.impl("attention_backward", &attention_backward<Device>);
+  m.impl("attention_with_kvcache", &attention_with_kvcache<Device>);
+}
+
+// ------------------------------------------------------------------------------- linear
+//
+// y = act(x @ weight^T + bias) + residual on 2-D x (M, K) (fastgpt/linear.py flattens leading
+// dims), weight (Nz, K) in x's dtype, Nz = N or 2N for a gated activation ([gate; up] rows),
+// bias (Nz,) in x's dtype or float32, residual (M, N) in x's dtype. pre, the pre-activation
+// x @ weight^T + bias (M, Nz) the backward reads, is returned when save_pre (else empty).
+// Fakes and autograd are registered from Python (fastgpt/linear.py): a GEMM outweighs the
+// Python wrapper's ~10 us at all but decode sizes.
+
+Activation parse_activation(const std::string& name) {
+  static const std::pair<const char*, Activation> kinds[] = {
+      {"none", Activation::kNone},   {"gelu", Activation::kGelu},
+      {"gelu_tanh", Activation::kGeluTanh}, {"relu", Activation::kRelu},
+      {"silu", Activation::kSilu},   {"swiglu", Activation::kSwiglu},
+      {"geglu", Activation::kGeglu}};
+  for (const auto& [n, a] : kinds) {
+    if (name == n) return a;
+  }
+  TORCH_CHECK(false, "fastgpt: linear: unknown activation '", name,
+              "' (none, gelu, gelu_tanh, relu, silu, swiglu, geglu)");
+}
+
+struct LinearFwd {
+  Activation act;
+  int64_t M, N, K;
+  Tensor x, weight, residual;
+  optional<Tensor> bias;
+  Tensor y, pre;
+};
+
+LinearFwd prepare_linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                         const optional<Tensor>& residual, const std::string& activation) {
+  LinearFwd f;
+  f.act = parse_activation(activation);
+  TORCH_CHECK(x.dim() == 2, "fastgpt: linear: x must be 2-D (M, K), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "fastgpt: linear: weight must be "
+              "(out, ", x.size(1), ") for x of shape ", x.sizes(), ", got ", weight.sizes());
+  check_same_kind(weight, "weight", x, "x", "linear");
+  const int64_t nz = weight.size(0);
+  const bool gated = is_gated(f.act);
+  TORCH_CHECK(!gated || nz % 2 == 0, "fastgpt: linear: a gated activation (", activation,
+              ") needs an even number of weight rows ([gate; up]), got ", nz);
+  f.M = x.size(0);
+  f.N = gated ? nz / 2 : nz;
+  f.K = x.size(1);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == nz, "fastgpt: linear: bias must have shape [",
+                nz, "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), "fastgpt: linear: bias is on ", bias->device(),
+                " but x is on ", x.device());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == at::kFloat,
+                "fastgpt: linear: bias must have x's dtype ", x.scalar_type(),
+                " or float32, got ", bias->scalar_type());
+    f.bias = bias->contiguous();
+  }
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({f.M, f.N}), "fastgpt: linear: residual must "
+                "have shape [", f.M, ", ", f.N, "], got ", residual->sizes());
+    check_same_kind(*residual, "residual", x, "x", "linear");
+    f.residual = rows(*residual);
+  }
+  f.x = x;
+  f.weight = weight;
+  return f;
+}
+
+void linear_cpu(LinearFwd& f, bool save_pre) {
+  const DType dtype = served_dtype(f.x, cpu::kLinearDTypes, "CPU", "linear", "x");
+  // The product from ATen (oneDNN / MKL), then fastgpt's one-pass epilogue over its output.
+  // 16-bit products are rounded on the way out of the GEMM, so their bias goes into it (addmm,
+  // as F.linear does): z + b rounded once. Adding it after a rounded z moved pre-activations
+  // near 0 across relu's kink and failed the 2x-eager rule (bf16 relu dx: 0.28 vs 0.02
+  // allowed); float32 / float64 keep the bias in the fused pass.
+  const bool bias_in_gemm = f.bias && (dtype == DType::kBFloat16 || dtype == DType::kFloat16);
+  const Tensor bias_gemm = bias_in_gemm ? f.bias->to(f.x.scalar_type()) : Tensor();
+  const void* bias = bias_in_gemm ? nullptr : ptr_or_null(f.bias);
+  DType bias_dtype = dtype;
+  if (f.bias) to_dtype(f.bias->scalar_type(), &bias_dtype);
+  const bool gated = is_gated(f.act);
+  const int64_t nz = f.weight.size(0);
+  // Without a backward to feed (no save_pre), y overwrites z in place: one output buffer, as
+  // F.linear alone would write. Gated y is half z's width, so it has its own.
+  const bool keep_pre = save_pre && f.act != Activation::kNone;
+  Tensor z = at::empty({f.M, nz}, f.x.options());
+  f.y = keep_pre || gated ? at::empty({f.M, f.N}, f.x.options()) : z;
+  // One GEMM call for all rows: ATen's GEMM packs the weight per call, and cutting the rows
+  // into cache-sized blocks (170 rows of 3072) to epilogue each block while hot ran GPT-2's
+  // c_fc at 0.54x eager instead of ~1.1x (4096 x 3072 x 768 fp32, 2 threads).
+  if (bias_in_gemm) {
+    at::addmm_out(z, bias_gemm, f.x, f.weight.t());
+  } else {
+    at::mm_out(z, f.x, f.weight.t());
+  }
+  cpu::linear_epilogue(dtype, bias_dtype, f.act, z.data_ptr(), bias,
+                       f.residual.defined() ? f.residual.data_ptr() : nullptr,
+                       f.residual.defined() ? row_stride(f.residual) : 0, f.y.data_ptr(), f.M,
+                       f.N);
+  f.pre = keep_pre ? z : at::empty({0}, f.x.options());
+}
+
+struct LinearBwd {
+  Activation act;
+  int64_t M, N, K, nz;
+  Tensor dy, x, weight, pre;
+  Tensor dz, dx, dweight, dbias;
+};
+
+LinearBwd prepare_linear_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
+                                  const Tensor& pre, const std::string& activation) {
+  LinearBwd b;
+  b.act = parse_activation(activation);
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1),
+              "fastgpt: linear_backward: x (M, K) and weight (out, K) expected, got ", x.sizes(),
+              " and ", weight.sizes());
+  check_same_kind(weight, "weight", x, "x", "linear_backward");
+  check_same_kind(grad_y, "grad_y", x, "x", "linear_backward");
+  b.nz = weight.size(0);
+  b.M = x.size(0);
+  b.N = is_gated(b.act) ? b.nz / 2 : b.nz;
+  b.K = x.size(1);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({b.M, b.N}), "fastgpt: linear_backward: grad_y "
+              "must have shape [", b.M, ", ", b.N, "], got ", grad_y.sizes());
+  if (b.act != Activation::kNone) {
+    TORCH_CHECK(pre.sizes() == at::IntArrayRef({b.M, b.nz}), "fastgpt: linear_backward: pre "
+                "must have shape [", b.M, ", ", b.nz, "] (saved by linear with save_pre), got ",
+                pre.sizes());
+    check_same_kind(pre, "pre", x, "x", "linear_backward");
+    b.pre = pre.contiguous();
+  }
+  b.dy = rows(grad_y);
+  b.x = x;
+  b.weight = weight;
+  return b;
+}
+
+// dx = dz @ weight and dweight = dz^T @ x, from dz (the epilogue's backward).
+void linear_backward_gemms_cpu(LinearBwd& b, bool need_dx, bool need_dweight) {
+  if (need_dx) b.dx = at::mm(b.dz, b.weight);
+  if (need_dweight) b.dweight = at::mm(b.dz.t(), b.x);
+}
+
+void linear_backward_cpu(LinearBwd& b, bool need_dx, bool need_dweight, bool need_dbias) {
+  const DType dtype = served_dtype(b.x, cpu::kLinearDTypes, "CPU", "linear", "x");
+  const bool act = b.act != Activation::kNone;
+  b.dz = act ? at::empty({b.M, b.nz}, b.x.options()) : b.dy;
+  if (need_dbias) b.dbias = at::empty({b.nz}, b.x.options().dtype(stats_type(b.x)));
+  if (act || need_dbias) {
+    cpu::linear_act_bwd(dtype, b.act, b.dy.data_ptr(), row_stride(b.dy),
+                        act ? b.pre.data_ptr() : nullptr, act ? b.dz.data_ptr() : nullptr,
+                        data_if(b.dbias, need_dbias), b.M, b.N);
+  }
+  linear_backward_gemms_cpu(b, need_dx, need_dweight);
+}
+
+#ifdef FASTGPT_WITH_CUDA
+// GEMM operands of the CUDA kernels (cuda/linear.h) are batches of matrices with one unit
+// stride and the other a multiple of 8 elements (so rows or columns are whole 16-byte
+// vectors), 16-byte aligned, batch strides multiples of 8; a gated B that is N-contiguous also
+// needs N % 8 == 0. cuda_gemm_operands(a, b) returns a (batch, M, K) and b (batch, K, Nb) as
+// they are when they meet that, else both rebuilt K-contiguous with K zero-padded to a multiple
+// of 8 (zero columns of a against zero rows of b add nothing): one copy of each, only for the
+// rare layout (a K of 17, a sliced row) that the vector loads cannot take.
+cuda::MatrixRef cuda_matrix(const Tensor& t3) {
+  cuda::MatrixRef m;
+  m.data = t3.data_ptr();
+  m.batch_stride = t3.size(0) == 1 ? 0 : t3.stride(0);
+  m.row_stride = t3.size(1) == 1 ? 0 : t3.stride(1);
+  m.col_stride = t3.size(2) == 1 ? 0 : t3.stride(2);
+  return m;
+}
+
+bool cuda_gemm_layout_ok(const Tensor& t3) {
+  if (reinterpret_cast<uintptr_t>(t3.data_ptr()) % 16 != 0) return false;
+  const auto stride = [&](int d) { return t3.size(d) == 1 ? int64_t(0) : t3.stride(d); };
+  const int64_t rs = stride(1), cs = stride(2);
+  const bool rows_ok = (cs == 1 || t3.size(2) == 1) && rs % 8 == 0;
+  const bool cols_ok = (rs == 1 || t3.size(1) == 1) && cs % 8 == 0;
+  return (rows_ok || cols_ok) && stride(0) % 8 == 0;
+}
+
+std::pair<Tensor, Tensor> cuda_gemm_operands(const Tensor& a3, const Tensor& b3, bool gated) {
+  const int64_t n = gated ? b3.size(2) / 2 : b3.size(2);
+  const bool b_n_major = b3.size(2) > 1 && b3.stride(2) == 1 && b3.size(1) > 1 &&
+                         b3.stride(1) != 1;
+  if (cuda_gemm_layout_ok(a3) && cuda_gemm_layout_ok(b3) && !(gated && b_n_major && n % 8)) {
+    return {a3, b3};
+  }
+  const int64_t k = a3.size(2), pad = (k + 7) / 8 * 8 - k;
+  // a: (batch, M, Kp) row-major; b: (batch, Nb, Kp) row-major seen as (batch, Kp, Nb).
+  Tensor a = at::constant_pad_nd(a3, {0, pad}).contiguous();
+  Tensor b = at::constant_pad_nd(b3.transpose(1, 2), {0, pad}).contiguous().transpose(1, 2);
+  return {a, b};
+}
+
+// c (M, N) = epilogue(a (M, K) @ b (K, Nb)) through cuda::gemm (Nb = 2N when gated).
+void cuda_gemm(const Tensor& a, const Tensor& b, const cuda::Epilogue& ep, Tensor& c) {
+  DType dtype;
+  to_dtype(a.scalar_type(), &dtype);
+  const auto [a3, b3] = cuda_gemm_operands(a.unsqueeze(0), b.unsqueeze(0), is_gated(ep.act));
+  C10_CUDA_CHECK(cuda::gemm(dtype, 1, c.size(0), c.size(1), a3.size(2), cuda_matrix(a3),
+                            cuda_matrix(b3), ep, c.data_ptr(),
+                            c10::cuda::getCurrentCUDAStream(a.get_device())));
+}
+
+void linear_cuda(LinearFwd& f, bool save_pre) {
+  served_dtype(f.x, cuda::kLinearDTypes, "CUDA", "linear", "x");
+  const c10::cuda::CUDAGuard guard(f.x.device());
+  cuda::Epilogue ep;
+  ep.act = f.act;
+  if (f.bias) {
+    ep.bias = f.bias->data_ptr();
+    ep.bias_fp32 = f.bias->scalar_type() == at::kFloat && f.x.scalar_type() != at::kFloat;
+  }
+  Tensor residual = f.residual;
+  if (residual.defined()) {
+    // Unit column stride, rows a multiple of 8 elements apart, 16-byte aligned: else a copy
+    // with its rows padded to that.
+    const bool ok = (residual.stride(1) == 1 || f.N == 1) &&
+                    (f.M == 1 || residual.stride(0) % 8 == 0) &&
+                    reinterpret_cast<uintptr_t>(residual.data_ptr()) % 16 == 0;
+    if (!ok) {
+      const int64_t pad = (f.N + 7) / 8 * 8 - f.N;
+      residual = at::constant_pad_nd(residual, {0, pad}).narrow(1, 0, f.N);
+    }
+    ep.residual = residual.data_ptr();
+    ep.residual_row_stride = residual.size(0) == 1 ? 0 : residual.stride(0);
+  }
+  const bool keep = save_pre && f.act != Activation::kNone;
+  f.pre = keep ? at::empty({f.M, f.weight.size(0)}, f.x.options()) : at::empty({0}, f.x.options());
+  if (keep) ep.pre = f.pre.data_ptr();
+  f.y = at::empty({f.M, f.N}, f.x.options());
+  cuda_gemm(f.x, f.weight.t(), ep, f.y);
+}
+
+void linear_backward_cuda(LinearBwd& b, bool need_dx, bool need_dweight, bool need_dbias) {
+  DType dtype = served_dtype(b.x, cuda::kLinearDTypes, "CUDA", "linear", "x");
+  const c10::cuda::CUDAGuard guard(b.x.device());
+  const bool act = b.act != Activation::kNone;
+  const Tensor dy = b.dy.is_contiguous() ? b.dy : b.dy.contiguous();
+  b.dz = act ? at::empty({b.M, b.nz}, b.x.options()) : dy;
+  if (need_dbias) b.dbias = at::empty({b.nz}, b.x.options().dtype(at::kFloat));
+  if (act || need_dbias) {
+    const int device = b.x.get_device();
+    Tensor workspace = at::empty(
+        {static_cast<int64_t>(cuda::linear_act_bwd_workspace_bytes(b.M, b.N, b.act, need_dbias,
+                                                                    device))},
+        b.x.options().dtype(at::kByte));
+    C10_CUDA_CHECK(cuda::linear_act_bwd(
+        dtype, b.act, dy.data_ptr(), act ? b.pre.data_ptr() : nullptr,
+        act ? b.dz.data_ptr() : nullptr, static_cast<float*>(data_if(b.dbias, need_dbias)),
+        workspace.numel() ? workspace.data_ptr() : nullptr, b.M, b.N,
+        c10::cuda::getCurrentCUDAStream(device)));
+  }
+  const cuda::Epilogue plain;
+  if (need_dx) {
+    b.dx = at::empty({b.M, b.K}, b.x.options());
+    cuda_gemm(b.dz, b.weight, plain, b.dx);
+  }
+  if (need_dweight) {
+    b.dweight = at::empty({b.nz, b.K}, b.x.options());
+    cuda_gemm(b.dz.t(), b.x, plain, b.dweight);
+  }
+}
+
+// torch.matmul's 2-D and batched 3-D cases on the CUDA GEMM (fastgpt/linear.py maps the rest).
+Tensor matmul_cuda(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK((a.dim() == 2 && b.dim() == 2) || (a.dim() == 3 && b.dim() == 3),
+              "fastgpt: matmul: a and b must both be 2-D or both 3-D, got ", a.sizes(), " and ",
+              b.sizes());
+  check_same_kind(b, "b", a, "a", "matmul");
+  const DType dtype = served_dtype(a, cuda::kLinearDTypes, "CUDA", "matmul", "a");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const bool batched = a.dim() == 3;
+  const Tensor a3 = batched ? a : a.unsqueeze(0), b3 = batched ? b : b.unsqueeze(0);
+  TORCH_CHECK(a3.size(0) == b3.size(0) && a3.size(2) == b3.size(1), "fastgpt: matmul: shapes ",
+              a.sizes(), " and ", b.sizes(), " cannot be multiplied");
+  const int64_t batch = a3.size(0), M = a3.size(1), K = a3.size(2), N = b3.size(2);
+  Tensor c = at::empty({batch, M, N}, a.options());
+  if (c.numel() == 0) return batched ? c : c.squeeze(0);
+  if (K == 0) return batched ? c.zero_() : c.zero_().squeeze(0);
+  const auto [a_, b_] = cuda_gemm_operands(a3, b3, /*gated=*/false);
+  const cuda::MatrixRef ma = cuda_matrix(a_), mb = cuda_matrix(b_);
+  C10_CUDA_CHECK(cuda::gemm(dtype, batch, M, N, a_.size(2), ma, mb, cuda::Epilogue{}, c.data_ptr(),
+                            c10::cuda::getCurrentCUDAStream(a.get_device())));
+  return batched ? c : c.squeeze(0);
+}
+#endif  // FASTGPT_WITH_CUDA
+
+struct CpuLinear {
+  static constexpr auto fwd = &linear_cpu;
+  static constexpr auto bwd = &linear_backward_cpu;
+};
+#ifdef FASTGPT_WITH_CUDA
+struct CudaLinear {
+  static constexpr auto fwd = &linear_cuda;
+  static constexpr auto bwd = &linear_backward_cuda;
+};
+#endif
+
+template <class Device>
+std::tuple<Tensor, Tensor> linear(const Tensor& x, const Tensor& weight,
+                                  const optional<Tensor>& bias, const optional<Tensor>& residual,
+                                  c10::string_view activation, bool save_pre) {
+  LinearFwd f = prepare_linear(x, weight, bias, residual, std::string(activation));
+  Device::fwd(f, save_pre);
+  return {f.y, f.pre};
+}
+
+template <class Device>
+std::tuple<Tensor, Tensor, Tensor> linear_backward(const Tensor& grad_y, const Tensor& x,
+                                                   const Tensor& weight, const Tensor& pre,
+                                                   c10::string_view activation, bool need_dx,
+                                                   bool need_dweight, bool need_dbias) {
+  LinearBwd b = prepare_linear_backward(grad_y, x, weight, pre, std::string(activation));
+  Device::bwd(b, need_dx, need_dweight, need_dbias);
+  const auto empty = x.new_empty({0});
+  return {need_dx ? b.dx : empty, need_dweight ? b.dweight : empty,
+          need_dbias ? b.dbias : empty};
+}
+
+template <class Device>
+void register_linear_impls(torch::Library& m) {
+  m.impl("linear", &linear<Device>);
+  m.impl("linear_backward", &linear_backward<Device>);
 }
 
 }  // namespace
@@ -734,11 +1228,30 @@ TORCH_LIBRARY(fastgpt, m) {
         "(Tensor out, Tensor lse)");
   m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, bool is_causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Decoding, after the new tokens were written into the caches: q (B, Hq, Tq, E),
+  // k_cache (B, Hk, Tmax, E), v_cache (B, Hk, Tmax, Ev), kv_lens (B,) int32 (row b's keys are
+  // cache rows [0, kv_lens[b])), causal bottom-right aligned. out (B, Hq, Tq, Ev). No autograd.
+  m.def("attention_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_lens, "
+        "float scale) -> Tensor");
+  // x (M, K), weight (Nz, K) with Nz = N (2N for swiglu/geglu: [gate; up] rows), bias (Nz,),
+  // residual (M, N); activation one of none, gelu, gelu_tanh, relu, silu, swiglu, geglu.
+  // y (M, N) = act(x @ weight^T + bias) + residual; pre (M, Nz) = x @ weight^T + bias when
+  // save_pre and activation != none, else empty. The backward returns dx (M, K), dweight
+  // (Nz, K) and dbias (Nz,) in float32 (float64 for float64 x); each empty when not needed.
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str activation, "
+        "bool save_pre) -> (Tensor y, Tensor pre)");
+  m.def("linear_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor pre, str activation, "
+        "bool need_dx, bool need_dweight, bool need_dbias) -> (Tensor dx, Tensor dweight, "
+        "Tensor dbias)");
+  // a @ b for 2-D (M, K) @ (K, N) or batched 3-D (B, M, K) @ (B, K, N); CUDA only (on the CPU
+  // torch.matmul is ATen's GEMM already).
+  m.def("matmul(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   register_impls<Cpu>(m);
   register_attention_impls<CpuAttention>(m);
+  register_linear_impls<CpuLinear>(m);
 }
 
 // The backward ops get no autograd of their own (no double backward).
@@ -748,7 +1261,12 @@ TORCH_LIBRARY_IMPL(fastgpt, Autograd, m) {
 }
 
 #ifdef FASTGPT_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) { register_impls<Cuda>(m); }
+TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) {
+  register_impls<Cuda>(m);
+  register_attention_impls<CudaAttention>(m);
+  register_linear_impls<CudaLinear>(m);
+  m.impl("matmul", &matmul_cuda);
+}
 #endif
 
 }  // namespace fastgpt
@@ -765,19 +1283,30 @@ extern "C" PyObject* PyInit__C(void) {
 #ifdef FASTGPT_WITH_CUDA
   const long with_cuda = 1;
   const std::string cuda_norm_dtypes = fastgpt::dtype_names(fastgpt::cuda::kNormDTypes);
+  const std::string cuda_attention_dtypes = fastgpt::dtype_names(fastgpt::cuda::kAttentionDTypes);
+  const long cuda_attention_max_head_dim = long(fastgpt::cuda::kAttentionMaxHeadDim);
+  const std::string cuda_linear_dtypes = fastgpt::dtype_names(fastgpt::cuda::kLinearDTypes);
 #else
   const long with_cuda = 0;
-  const std::string cuda_norm_dtypes;
+  const std::string cuda_norm_dtypes, cuda_attention_dtypes, cuda_linear_dtypes;
+  const long cuda_attention_max_head_dim = 0;
 #endif
   const std::string cpu_norm_dtypes = fastgpt::dtype_names(fastgpt::cpu::kNormDTypes);
   const std::string cpu_attention_dtypes = fastgpt::dtype_names(fastgpt::cpu::kAttentionDTypes);
+  const std::string cpu_linear_dtypes = fastgpt::dtype_names(fastgpt::cpu::kLinearDTypes);
   if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
       PyModule_AddStringConstant(module, "CUDA_ARCHS", FASTGPT_CUDA_ARCHS) != 0 ||
       PyModule_AddIntConstant(module, "NORM_MAX_HIDDEN_CUDA", long(fastgpt::kNormMaxHidden)) != 0 ||
       PyModule_AddStringConstant(module, "NORM_DTYPES_CPU", cpu_norm_dtypes.c_str()) != 0 ||
       PyModule_AddStringConstant(module, "NORM_DTYPES_CUDA", cuda_norm_dtypes.c_str()) != 0 ||
       PyModule_AddStringConstant(module, "ATTENTION_DTYPES_CPU",
-                                 cpu_attention_dtypes.c_str()) != 0) {
+                                 cpu_attention_dtypes.c_str()) != 0 ||
+      PyModule_AddStringConstant(module, "ATTENTION_DTYPES_CUDA",
+                                 cuda_attention_dtypes.c_str()) != 0 ||
+      PyModule_AddIntConstant(module, "ATTENTION_MAX_HEAD_DIM_CUDA",
+                              cuda_attention_max_head_dim) != 0 ||
+      PyModule_AddStringConstant(module, "LINEAR_DTYPES_CPU", cpu_linear_dtypes.c_str()) != 0 ||
+      PyModule_AddStringConstant(module, "LINEAR_DTYPES_CUDA", cuda_linear_dtypes.c_str()) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

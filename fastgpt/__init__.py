@@ -16,6 +16,7 @@ from . import nn
 from .backends import BackendError, BackendStatus, available_backends, use_backend
 from .attention import attention_with_kvcache, scaled_dot_product_attention
 from .layernorm import layer_norm, rms_norm
+from .linear import linear, matmul
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,8 @@ __all__ = [
     "attention_with_kvcache",
     "available_backends",
     "layer_norm",
+    "linear",
+    "matmul",
     "nn",
     "rms_norm",
     "scaled_dot_product_attention",

@@ -32,9 +32,12 @@ from . import backends
 
 Tensor = torch.Tensor
 
-# The automatic choice. CPU: native. CUDA: triton (the native CUDA attention kernel is not in
-# the extension yet); by design, not measured yet (no GPU results so far).
-ATTENTION = backends.Op("scaled_dot_product_attention", {"cpu": ("native",), "cuda": ("triton",)})
+# The automatic choice. CPU: native (bench/results/attention-cpu-*: 1.1x torch's SDPA forward,
+# 1.2x backward). CUDA: triton, then native; by design, not measured yet (no GPU results so
+# far): on Hopper Triton's tl.dot compiles to wgmma, where the CUDA kernels use sm_80's
+# mma.sync (FlashAttention-2's instruction, which FlashAttention-3 outruns with wgmma).
+ATTENTION = backends.Op("scaled_dot_product_attention",
+                        {"cpu": ("native",), "cuda": ("triton", "native")})
 
 # torch's SDPA as imported, so that code which monkey-patches F.scaled_dot_product_attention
 # with fastgpt's still reaches torch's for the fallback (and not fastgpt's again).
@@ -165,18 +168,27 @@ def _kernel_reason(name: str, q, k, v, attn_mask, dropout_p, enable_gqa, dtypes,
     return None if layout is None else f"{layout} (use backend='torch')"
 
 
-_native_dtypes: dict = {}
+_native_limits: dict = {}
+
+
+def _native_kernel_limits(device: torch.device):
+    """(dtypes, max head dim or None) of the native attention kernels on this device type, as
+    the extension reports them."""
+    limits = _native_limits.get(device.type)
+    if limits is None:
+        mod = backends.native_module()
+        cuda = device.type == "cuda"
+        names = mod.ATTENTION_DTYPES_CUDA if cuda else mod.ATTENTION_DTYPES_CPU
+        dtypes = tuple(getattr(torch, n) for n in names.split(",") if n)
+        limits = (dtypes, mod.ATTENTION_MAX_HEAD_DIM_CUDA if cuda else None)
+        _native_limits[device.type] = limits
+    return limits
 
 
 def _native_supports(q, k, v, attn_mask, dropout_p, is_causal, scale,
                      enable_gqa) -> Optional[str]:
-    if q.device.type != "cpu":
-        return f"the native attention kernels run on CPU only so far; query is on {q.device}"
-    dtypes = _native_dtypes.get("cpu")
-    if dtypes is None:
-        names = backends.native_module().ATTENTION_DTYPES_CPU
-        dtypes = _native_dtypes["cpu"] = tuple(getattr(torch, n) for n in names.split(",") if n)
-    return _kernel_reason("native", q, k, v, attn_mask, dropout_p, enable_gqa, dtypes, None)
+    return _kernel_reason("native", q, k, v, attn_mask, dropout_p, enable_gqa,
+                          *_native_kernel_limits(q.device))
 
 
 def _triton_supports(q, k, v, attn_mask, dropout_p, is_causal, scale,
@@ -243,6 +255,12 @@ def _(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> Tuple[T
         _unit_last(q), _unit_last(k), _unit_last(v), is_causal, scale)
 
 
+@torch.library.custom_op("fastgpt_triton::attention_with_kvcache", mutates_args=())
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_lens: Tensor, scale: float) -> Tensor:
+    return backends.kernel_module("attention").attention_with_kvcache(
+        _unit_last(q), _unit_last(k_cache), _unit_last(v_cache), kv_lens.contiguous(), scale)
+
+
 @torch.library.custom_op("fastgpt_triton::attention_backward", mutates_args=())
 def _(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
       is_causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -267,6 +285,10 @@ def _register(ns: str) -> None:
     @torch.library.register_fake(f"{ns}::attention_backward")
     def _(grad_out, q, k, v, out, lse, is_causal, scale):
         return _fake_bwd(q, k, v)
+
+    @torch.library.register_fake(f"{ns}::attention_with_kvcache")
+    def _(q, k_cache, v_cache, kv_lens, scale):
+        return _fake_fwd(q, v_cache)[0]
 
     def setup_context(ctx, inputs, output):
         q, k, v, is_causal, scale = inputs
@@ -334,9 +356,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
 # ------------------------------------------------------------------------------ decoding
 
-# Decoding over a KV cache. Only the torch backend serves it so far: the split-KV kernels
-# (Triton, CUDA, C++) come next and register here.
-ATTENTION_WITH_KVCACHE = backends.Op("attention_with_kvcache", {})
+# Decoding over a KV cache. Every backend sees the caches after the new tokens are written
+# (attention_with_kvcache does that once, for all of them) and the key count of each row:
+# (q, k_cache, v_cache, kv_lens, scale). CPU: native; CUDA: triton, then native; by design, not
+# measured yet (both are split-KV kernels; no GPU results so far).
+ATTENTION_WITH_KVCACHE = backends.Op("attention_with_kvcache",
+                                     {"cpu": ("native",), "cuda": ("triton", "native")})
 
 
 def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
@@ -378,30 +403,73 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
             raise ValueError(f"{op}: k_new {tuple(k_new.shape)} / v_new {tuple(v_new.shape)} must "
                              f"be (B, Hk, Tnew, D) / (B, Hk, Tnew, Dv) like the caches")
     # One host read of the lengths: a length past the cache would write out of bounds.
+    if b == 0:
+        return
     lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     if lo < 0 or hi + new > t_max:
         raise ValueError(f"{op}: cache_seqlens must lie in [0, Tmax - Tnew] = [0, {t_max - new}] "
                          f"(Tmax={t_max}, Tnew={new}); got values in [{lo}, {hi}]")
 
 
+def _kvcache_reason(name: str, q, k_cache, v_cache, dtypes, max_head_dim) -> Optional[str]:
+    if q.dtype not in dtypes:
+        served = ", ".join(str(d).replace("torch.", "") for d in dtypes) or "nothing"
+        return f"q has dtype {q.dtype}; the {name} kernels on {q.device.type} serve {served}"
+    for arg, d in (("q/k_cache", q.shape[-1]), ("v_cache", v_cache.shape[-1])):
+        if max_head_dim is not None and d > max_head_dim:
+            return f"{arg} head dim {d} is over the {name} kernels' limit of {max_head_dim}"
+    if q.shape[2] == 0 or q.shape[1] == 0 or q.shape[0] == 0:
+        return "q is empty (B, Hq or Tq is 0)"
+    return None
+
+
+def _native_kvcache_supports(q, k_cache, v_cache, kv_lens, scale) -> Optional[str]:
+    return _kvcache_reason("native", q, k_cache, v_cache, *_native_kernel_limits(q.device))
+
+
+def _triton_kvcache_supports(q, k_cache, v_cache, kv_lens, scale) -> Optional[str]:
+    kernels = backends.kernel_module("attention")
+    return _kvcache_reason("triton", q, k_cache, v_cache, kernels.DTYPES, kernels.MAX_HEAD_DIM)
+
+
+@ATTENTION_WITH_KVCACHE.implement("native", supports=_native_kvcache_supports)
+def _(q, k_cache, v_cache, kv_lens, scale):
+    return torch.ops.fastgpt.attention_with_kvcache.default(q, k_cache, v_cache, kv_lens, scale)
+
+
+@ATTENTION_WITH_KVCACHE.implement("triton", supports=_triton_kvcache_supports)
+def _(q, k_cache, v_cache, kv_lens, scale):
+    return torch.ops.fastgpt_triton.attention_with_kvcache.default(q, k_cache, v_cache, kv_lens,
+                                                                   scale)
+
+
 @ATTENTION_WITH_KVCACHE.implement("torch")
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
-    b, _, tq, _ = q.shape
-    t_max = k_cache.shape[2]
-    lengths = cache_seqlens.long()
-    if k_new is not None:
-        new = k_new.shape[2]
-        pos = (lengths[:, None] + torch.arange(new, device=q.device))[:, None, :, None]
-        k_cache.scatter_(2, pos.expand(-1, k_cache.shape[1], -1, k_cache.shape[-1]), k_new)
-        v_cache.scatter_(2, pos.expand(-1, v_cache.shape[1], -1, v_cache.shape[-1]), v_new)
-        lengths = lengths + new
+def _(q, k_cache, v_cache, kv_lens, scale):
+    tq, t_max = q.shape[2], k_cache.shape[2]
+    lengths = kv_lens.long()
     # Bottom-right causal over each row's valid prefix: query i sees keys j < len and
     # j <= len - tq + i.
     keys = torch.arange(t_max, device=q.device)
     last = lengths[:, None] - tq + torch.arange(tq, device=q.device)  # (B, Tq)
     visible = (keys[None, None, :] <= last[:, :, None]) & (keys < lengths[:, None, None])
-    return _torch_sdpa(q, k_cache, v_cache, attn_mask=visible[:, None], scale=scale,
-                       enable_gqa=k_cache.shape[1] != q.shape[1])
+    out = _torch_sdpa(q, k_cache, v_cache, attn_mask=visible[:, None], scale=scale,
+                      enable_gqa=k_cache.shape[1] != q.shape[1])
+    # torch's SDPA gives NaN (math backend) for a row whose mask hides every key; the kernels
+    # give zeros, as documented.
+    return out.masked_fill(~visible.any(-1)[:, None, :, None], 0.0)
+
+
+def _write_cache(k_cache, v_cache, cache_seqlens, k_new, v_new) -> Tensor:
+    """Writes k_new / v_new into the caches in place at each row's position; returns the key
+    count of each row afterwards (int32, (B,))."""
+    if k_new is None:
+        return cache_seqlens
+    new = k_new.shape[2]
+    pos = (cache_seqlens.long()[:, None] + torch.arange(new, device=k_cache.device))
+    pos = pos[:, None, :, None]  # (B, 1, Tnew, 1)
+    k_cache.scatter_(2, pos.expand(-1, k_cache.shape[1], -1, k_cache.shape[-1]), k_new)
+    v_cache.scatter_(2, pos.expand(-1, v_cache.shape[1], -1, v_cache.shape[-1]), v_new)
+    return cache_seqlens + new
 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
@@ -419,7 +487,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             into the caches at positions ``cache_seqlens[b] ... cache_seqlens[b] + Tnew - 1``
             before attending. cache_seqlens itself is not changed (add Tnew for the next step).
         scale: the scores' factor; None is ``1 / sqrt(D)``.
-        backend: as for :func:`scaled_dot_product_attention`; only "torch" serves it so far.
+        backend: as for :func:`scaled_dot_product_attention`: "native" (C++ on CPU, split-KV
+            CUDA kernels), "triton" (split-KV), "torch" (a masked SDPA) or None.
 
     Returns:
         ``(B, Hq, Tq, Dv)`` in q's dtype. Row b attends over its first ``n = cache_seqlens[b] +
@@ -430,5 +499,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     """
     _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
     with torch.no_grad():
-        args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
-        return ATTENTION_WITH_KVCACHE.choose(backend, q.device, *args)(*args)
+        args = (q, k_cache, v_cache, cache_seqlens, _scale(q, scale))
+        impl = ATTENTION_WITH_KVCACHE.choose(backend, q.device, *args)  # before any write
+        kv_lens = _write_cache(k_cache, v_cache, cache_seqlens, k_new, v_new)
+        return impl(q, k_cache, v_cache, kv_lens, _scale(q, scale))

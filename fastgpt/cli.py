@@ -197,7 +197,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         type=_shape,
         metavar="SHAPE",
-        help="time these shapes, every variant, instead of the default plan (repeatable; norms: ROWSxHIDDEN, e.g. 4x768)",
+        help=("time these shapes, every variant, instead of the default plan (repeatable; norms: "
+              "ROWSxHIDDEN, e.g. 4x768; attention: BxHxTxD; decode: BxHqxHkxTxD, e.g. 1x32x8x32768x128)"),
     )
     heap = bench.add_mutually_exclusive_group()
     heap.add_argument(

@@ -3,7 +3,8 @@
 The norms have the constructor arguments and state_dict keys of torch.nn's and subclass them,
 so checkpoints load unchanged and ``isinstance(m, torch.nn.LayerNorm)`` still holds; only
 ``forward`` differs: it runs fastgpt's op and also accepts a ``residual`` for the fused pre-norm
-add. :class:`CausalSelfAttention` is nanoGPT's module of that name (same parameters and
+add. :class:`Linear` is ``torch.nn.Linear`` with a fused activation and residual.
+:class:`CausalSelfAttention` is nanoGPT's module of that name (same parameters and
 state_dict keys) on fastgpt's attention, with grouped kv heads and a KV cache for decoding.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from .attention import attention_with_kvcache, scaled_dot_product_attention
 from .layernorm import NormOutput, layer_norm, rms_norm
+from .linear import GATED, linear
 
 
 def _flatten_last(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,6 +93,36 @@ class KVCache:
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
 
 
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` with the activation (and an optional residual) fused into the GEMM.
+
+    ``forward(x, residual=None)`` is ``activation(x @ weight.T + bias) + residual``; see
+    :func:`fastgpt.linear` for the activations. Parameters and state_dict keys are
+    ``torch.nn.Linear``'s; with a gated activation ("swiglu", "geglu") ``weight`` has
+    ``2 * out_features`` rows (and ``bias`` 2 * out_features entries): the gate projection's
+    rows first, then the up projection's. ``backend`` (attribute, default None) pins a backend.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: Optional[str] = None, device=None, dtype=None, *,
+                 backend: Optional[str] = None):
+        rows = 2 * out_features if activation in GATED else out_features
+        super().__init__(in_features, rows, bias, device, dtype)
+        # torch.nn.Linear's init, reading out_features as the weight's rows; restore the
+        # module's real output width.
+        self.out_features = out_features
+        self.activation = activation
+        self.backend = backend
+        linear(torch.empty(0, in_features, device=self.weight.device, dtype=self.weight.dtype),
+               self.weight, self.bias, activation, backend="torch")  # checks the activation
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.activation, residual, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation!r}"
+
+
 class CausalSelfAttention(torch.nn.Module):
     """nanoGPT's causal self-attention on :func:`fastgpt.scaled_dot_product_attention`.
 
@@ -153,4 +185,4 @@ class CausalSelfAttention(torch.nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-__all__ = ["CausalSelfAttention", "KVCache", "LayerNorm", "RMSNorm"]
+__all__ = ["CausalSelfAttention", "KVCache", "LayerNorm", "Linear", "RMSNorm"]

@@ -28,6 +28,19 @@ delta = rowsum(dout * out) (= rowsum(p * dp)):
   dq is computed apart from dk/dv (two passes over the scores instead of one) so that neither
   needs atomics: the results are deterministic and no fp32 dq buffer is needed.
 
+Decoding over a KV cache (`attention_with_kvcache`, split-KV as flash-decoding): a few new
+queries per batch row attend to that row's first kv_lens[b] cache rows, causal bottom-right.
+At batch 1 the work is streaming the cache, so the kernels aim at memory bandwidth:
+  * `_attn_kvcache_split_kernel`: one program per (batch, kv head, split) takes all the query
+    heads of the kv head's group and all the new queries as the rows of one tile (G * Tq,
+    padded to >= 16 for tl.dot), so each cache byte is read once per group; its split is an
+    equal share, in whole key blocks, of the row's own length read on the device
+    (`_split_key_range`), walked with the forward's key loop. It writes the split's normalised
+    output and lse (fp32 workspace), or out itself when there is one split.
+  * `_attn_kvcache_combine_kernel`: merges each output row's splits by log-sum-exp.
+The split count comes from the shapes and the SM count only (`_kvcache_splits`), never from the
+lengths, so a CUDA graph of a decode step stays valid as the cache fills.
+
 GQA/MQA: query head h reads kv head h // (Hq // Hk) through its strides; nothing is repeated.
 
 Accumulation is fp32 throughout. fp32 inputs use exact fp32 products (`input_precision="ieee"`:
@@ -56,13 +69,11 @@ Where later features plug in:
   * lse is returned already (the backward needs it).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .utils import on_device
+from .utils import launch, on_device, sm_count
 
 # Element types of q, k, v (and of out and every gradient).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,11 +105,6 @@ _DELTA_WARPS = 4
 # ----------------------------------------------------------------------------------------------
 # Launch configurations
 # ----------------------------------------------------------------------------------------------
-
-
-def _interpreting():
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET set)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # Under the interpreter: one small config, no autotuning. BLOCK_M != BLOCK_N so that tests with
@@ -191,17 +197,90 @@ def _autotune(kernel):
     )
 
 
-def _launch(tuned, grid, *args, **meta):
-    """Launch an autotuned kernel; under the interpreter, its kernel with the one fixed config."""
-    if _interpreting():
-        tuned.fn[grid](*args, **meta, **_INTERPRETER_CONFIG.all_kwargs())
-    else:
-        tuned[grid](*args, **meta)
+def _launch(tuned, grid, *args, interpreter_config=_INTERPRETER_CONFIG, **meta):
+    """Launch an autotuned kernel (utils.launch), with this module's interpreter config."""
+    launch(tuned, grid, *args, interpreter_config=interpreter_config, **meta)
 
 
 def _block(dim):
     """A head dim padded to the tile width the kernels use: a power of 2, at least _MIN_BLOCK."""
     return max(triton.next_power_of_2(dim), _MIN_BLOCK)
+
+
+# Decoding over a KV cache (`attention_with_kvcache`). Its split kernel holds the query rows of
+# one kv head's group (BLOCK_M = G * Tq padded, chosen by the launcher, not tuned) and streams
+# key blocks of BLOCK_N: the table gives (BLOCK_N, num_warps, num_stages) per element size and
+# padded head dim (max of BLOCK_E, BLOCK_EV; 16 and 32 use the 64 row), for Hopper. The kernel
+# is bandwidth-bound (each K/V byte is used by the G * Tq rows only): what matters is bytes in
+# flight, num_stages * BLOCK_N * (E + Ev) per program through cp.async: 52-76 KB of shared
+# memory at 16 rows (two or three programs per SM). Compiled for sm_90a (triton 3.9) at 16 rows
+# (mma.sync) and 64 rows (wgmma; up to 251 registers and 160 KB at head dim 256) without spills
+# (tests/test_triton_sm90.py holds that); not timed on a GPU yet.
+_KVCACHE_CONFIG_TABLE = {
+    (2, 64): ((128, 4, 3), (64, 4, 4)),
+    (2, 128): ((64, 4, 3), (128, 8, 2)),
+    (2, 256): ((64, 8, 2), (32, 4, 3)),
+    (4, 64): ((32, 4, 2),),
+    (4, 128): ((16, 8, 2),),
+    (4, 256): ((16, 8, 2),),
+}
+
+# Under the interpreter: one small key block, so that short test caches cross several blocks in
+# every split.
+_KVCACHE_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
+
+# Rows (query heads of a group x new queries) of one split program, per element size; a larger
+# G * Tq runs cdiv(G * Tq, this) programs per split, each reading the split's keys again. fp32
+# (exact products on the FMA units hold both operands' rows in registers) spilled 20 KB at 64
+# rows and head dim 256 on sm_90a; at 32 rows it spills none at head dims 64 and 128 and 4 bytes
+# at 256 (within the fp32 spill budget of tests/test_triton_sm90.py).
+_KVCACHE_MAX_BLOCK_M = {2: 64, 4: 32}
+
+# Split count (host side, from shapes only: never from kv_lens, so a CUDA graph of a call stays
+# valid as the lengths grow). On a GPU: enough programs for _KVCACHE_PROGRAMS_PER_SM per SM, but
+# at least _KVCACHE_MIN_SPLIT_KEYS cache rows per split (the q load, the partial output and the
+# combine stay small beside the keys each split streams) and at most _KVCACHE_MAX_SPLITS. By
+# design, not measured yet: e.g. batch 1, 8 kv heads, 32k cache on 132 SMs gives 33 splits of
+# ~1k keys (264 programs); MQA at batch 1 gives 128 splits of 256 keys; batch x kv heads >= 264
+# gives 1 split, and no combine pass.
+_KVCACHE_PROGRAMS_PER_SM = 2
+_KVCACHE_MIN_SPLIT_KEYS = 256
+_KVCACHE_MAX_SPLITS = 128
+# Off a GPU (the interpreter): a few splits, so that the tests cross split boundaries.
+_KVCACHE_CPU_SPLITS = 3
+
+# Partial outputs per program of the combine kernel: splits x BLOCK_EV fp32 elements streamed in
+# chunks of at most this many (32 per thread with 4 warps, as the delta pre-pass).
+_COMBINE_BLOCK_ELEMS = 4096
+_COMBINE_WARPS = 4
+
+
+def _kvcache_config(block_n, warps, stages):
+    return triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _kvcache_configs_for(block_e, block_ev, element_size):
+    """The configs the autotuner tries for one launch of the KV-cache split kernel."""
+    row = _KVCACHE_CONFIG_TABLE[(element_size, max(block_e, block_ev, 64))]
+    return [_kvcache_config(*c) for c in row]
+
+
+def _kvcache_configs():
+    """Every config `_kvcache_configs_for` can give: what the split kernel's autotuner holds."""
+    rows = _KVCACHE_CONFIG_TABLE.values()
+    return [_kvcache_config(*c) for c in dict.fromkeys(c for row in rows for c in row)]
+
+
+def _kvcache_splits(programs, t_max, device):
+    """Splits of each (batch, kv head)'s cache for `programs` programs per split (B * Hk * query
+    row blocks) and a cache of t_max rows: see _KVCACHE_PROGRAMS_PER_SM."""
+    if device.type == "cuda":
+        want = triton.cdiv(_KVCACHE_PROGRAMS_PER_SM * sm_count(device.index), programs)
+        most = min(triton.cdiv(t_max, _KVCACHE_MIN_SPLIT_KEYS), _KVCACHE_MAX_SPLITS)
+    else:
+        want = _KVCACHE_CPU_SPLITS
+        most = triton.cdiv(t_max, _KVCACHE_INTERPRETER_CONFIG.kwargs["BLOCK_N"])
+    return max(1, min(want, most))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -743,9 +822,177 @@ def _attn_bwd_dq_kernel(
                 dq * scale, rows_m, L_b - m0, E, BLOCK_E)
 
 
+# ----------------------------------------------------------------------------------------------
+# Decoding over a KV cache (split-KV, flash-decoding)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_key_range(split, num_splits, kv_len, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) of split `split` of a row with kv_len keys: the row's own length in
+    num_splits equal shares of whole BLOCK_N blocks (the last shares may be short or empty)."""
+    share = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(split * share, kv_len)
+    hi = tl.minimum(lo + share, kv_len)
+    return lo, hi
+
+
+@triton.jit
+def _decode_last_key(i, kv_len, Tq):
+    """The last key query i of Tq new queries sees (bottom-right causal: the new tokens are the
+    last Tq of the row's kv_len keys); below 0 for a query that sees none."""
+    return kv_len - Tq + i
+
+
+@triton.jit
+def _decode_seen_by_all(lo, hi, kv_len, Tq):
+    """The end of the keys of [lo, hi) that every one of the Tq queries sees (query 0 sees keys
+    <= kv_len - Tq): the whole blocks before it need no mask."""
+    return tl.minimum(tl.maximum(_decode_last_key(0, kv_len, Tq) + 1, lo), hi)
+
+
+@triton.jit(do_not_specialize=["T_BUCKET"])
+def _attn_kvcache_split_kernel(
+    Q,  # pointer to queries, (B, HQ, TQ, E), unit last-dim stride
+    K,  # pointer to the key cache, (B, HK, TMAX, E), unit last-dim stride
+    V,  # pointer to the value cache, (B, HK, TMAX, EV), unit last-dim stride
+    KvLens,  # pointer to the keys per batch row, (B,) int32
+    Dest,  # pointer to the results, (B * HQ * TQ, NUM_SPLITS, EV) contiguous (Out when 1 split)
+    DestLse,  # pointer to the partial lse, (B * HQ * TQ, NUM_SPLITS) fp32, log2 domain
+    stride_qb, stride_qh, stride_qm,  # Q strides: batch, head, row
+    stride_kb, stride_kh, stride_kn,  # K strides
+    stride_vb, stride_vh, stride_vn,  # V strides
+    GROUP,  # query heads per kv head (HQ // HK)
+    TQ,  # new queries per batch row
+    TMAX,  # cache rows
+    NUM_SPLITS,  # splits of each row's keys
+    M_BLOCKS,  # programs per split along the GROUP * TQ rows, cdiv(GROUP * TQ, BLOCK_M)
+    scale,  # softmax scale of q k^T
+    T_BUCKET,  # autotune key only (not read): TMAX rounded up to a power of 2
+    E: tl.constexpr,  # head dim of q, k
+    EV: tl.constexpr,  # head dim of v
+    IN_UNIT: tl.constexpr,  # input strides count units of this many elements (16 bytes)
+    WRITE_LSE: tl.constexpr,  # several splits: write lse beside the normalised partial output
+    BLOCK_E: tl.constexpr,  # E padded to a power of 2 (>= 16)
+    BLOCK_EV: tl.constexpr,  # EV padded to a power of 2 (>= 16)
+    BLOCK_M: tl.constexpr,  # rows (query head, new query) of the group per program, >= 16
+    BLOCK_N: tl.constexpr,  # key rows per loop step
+):
+    """Grid (NUM_SPLITS * M_BLOCKS, HK, B): one program per split of the keys of one (batch, kv
+    head), holding BLOCK_M rows r = g * TQ + i of the group (query head hk * GROUP + g, new query
+    i) as the M dim of its tiles, so each key and value row is read once per group. Writes the
+    rows' softmax-normalised output over the split's keys and (WRITE_LSE) their lse."""
+    stride_qb, stride_qh, stride_qm = _in_elements(stride_qb, stride_qh, stride_qm, IN_UNIT)
+    stride_kb, stride_kh, stride_kn = _in_elements(stride_kb, stride_kh, stride_kn, IN_UNIT)
+    stride_vb, stride_vh, stride_vn = _in_elements(stride_vb, stride_vh, stride_vn, IN_UNIT)
+    E_IN: tl.constexpr = (E + IN_UNIT - 1) // IN_UNIT * IN_UNIT
+    EV_IN: tl.constexpr = (EV + IN_UNIT - 1) // IN_UNIT * IN_UNIT
+    split = tl.program_id(0) // M_BLOCKS
+    m0 = tl.program_id(0) % M_BLOCKS * BLOCK_M
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    # Clamped so that a bad length can never read outside the cache (the launcher documents the
+    # range and does not read the lengths on the host).
+    kv_len = tl.minimum(tl.maximum(tl.load(KvLens + b), 0), TMAX)
+
+    rows = m0 + tl.arange(0, BLOCK_M)  # r = g * TQ + i
+    n_rows = GROUP * TQ
+    g = tl.where(rows < n_rows, rows // TQ, 0)
+    i = tl.where(rows < n_rows, rows % TQ, 0)
+    cols = tl.arange(0, BLOCK_E)
+    q_offs = (hk * GROUP + g) * stride_qh + i.to(tl.int64) * stride_qm  # int64: any head stride
+    q = tl.load(Q + b * stride_qb + q_offs[:, None] + cols[None, :],
+                mask=(rows[:, None] < n_rows) & (cols[None, :] < E_IN), other=0.0)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    qk_scale = scale * LOG2E
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    # In key coordinates each row r sees keys <= its last key: the forward's causal key loop
+    # with that as the "query row" and kv_len as the sequence's keys masks exactly the contract.
+    last_key = _decode_last_key(i, kv_len, TQ)
+    lo, hi = _split_key_range(split, NUM_SPLITS, kv_len, BLOCK_N)
+    mid = _unmasked_end(lo, _decode_seen_by_all(lo, hi, kv_len, TQ), BLOCK_N)
+    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, last_key, lo, mid,
+                                  kv_len, qk_scale, E_IN, EV_IN, True, False,
+                                  BLOCK_N, BLOCK_E, BLOCK_EV)
+    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, last_key, mid, hi,
+                                  kv_len, qk_scale, E_IN, EV_IN, True, True,
+                                  BLOCK_N, BLOCK_E, BLOCK_EV)
+
+    # A row that saw no key of the split: output 0, lse -inf (the combine gives it weight 0).
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    # Result row of (b, query head hk * GROUP + g, query i): ((b * HQ + h) * TQ + i) =
+    # (b * HK + hk) * GROUP * TQ + r, each NUM_SPLITS results of EV.
+    dest_rows = ((b * tl.num_programs(1) + hk) * n_rows + m0) * NUM_SPLITS + split
+    _store_tile(Dest + dest_rows * EV, NUM_SPLITS * EV, acc / l_safe[:, None],
+                tl.arange(0, BLOCK_M), n_rows - m0, EV, BLOCK_EV)
+    if WRITE_LSE:
+        r = tl.arange(0, BLOCK_M)
+        tl.store(DestLse + dest_rows + r * NUM_SPLITS, m_i + tl.log2(l_safe),
+                 mask=r < n_rows - m0)
+
+
+@triton.jit
+def _attn_kvcache_combine_kernel(
+    Part,  # pointer to the splits' normalised outputs, (ROWS, NUM_SPLITS, EV) fp32 contiguous
+    PartLse,  # pointer to their lse, (ROWS, NUM_SPLITS) fp32, log2 domain (-inf: no key)
+    Out,  # pointer to the output, (ROWS, EV) contiguous
+    NUM_SPLITS,  # splits per row
+    EV: tl.constexpr,  # head dim of v
+    BLOCK_S: tl.constexpr,  # splits per step, a power of 2
+    BLOCK_EV: tl.constexpr,  # EV padded to a power of 2 (>= 16)
+):
+    """Grid (ROWS,): merges one output row's splits by log-sum-exp: out = sum_s w_s o_s / sum_s
+    w_s with w_s = exp2(lse_s - max lse). A row no split saw a key of gets 0."""
+    row = tl.program_id(0).to(tl.int64)
+    PartLse += row * NUM_SPLITS
+    Part += row * NUM_SPLITS * EV
+    s = tl.arange(0, BLOCK_S)
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        lse = tl.load(PartLse + s0 + s, mask=s0 + s < NUM_SPLITS, other=float("-inf"))
+        m = tl.maximum(m, lse)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # no key anywhere: every w_s = 0
+    acc = tl.zeros([BLOCK_EV], dtype=tl.float32)
+    w_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        lse = tl.load(PartLse + s0 + s, mask=s0 + s < NUM_SPLITS, other=float("-inf"))
+        w = tl.exp2(lse - m_max)
+        o = _load_tile(Part + s0 * EV, EV, s, NUM_SPLITS - s0, EV, BLOCK_EV, True)
+        acc += tl.sum(w[:, None] * o, axis=0)
+        w_sum += w
+    total = tl.sum(w_sum, axis=0)
+    total = tl.where(total == 0.0, 1.0, total)
+    cols = tl.arange(0, BLOCK_EV)
+    tl.store(Out + row * EV + cols, (acc / total).to(Out.dtype.element_ty), mask=cols < EV)
+
+
 _attn_fwd_tuned = _autotune("fwd")(_attn_fwd_kernel)
 _attn_bwd_dkdv_tuned = _autotune("dkdv")(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq_tuned = _autotune("dq")(_attn_bwd_dq_kernel)
+
+
+def _autotune_kvcache(kernel):
+    """Autotuning of the KV-cache split kernel over the configs `_kvcache_configs_for` gives its
+    launch. Keyed on the cache rows rounded up to a power of 2, the padded head dims, the rows
+    per program, whether the splits are combined, and (added by Triton) the dtypes."""
+
+    def configs_for_launch(configs, named_args, **kwargs):
+        return _kvcache_configs_for(kwargs["BLOCK_E"], kwargs["BLOCK_EV"],
+                                    named_args["Q"].element_size())
+
+    return triton.autotune(
+        configs=_kvcache_configs(),
+        key=["T_BUCKET", "BLOCK_E", "BLOCK_EV", "BLOCK_M", "WRITE_LSE"],
+        prune_configs_by={"early_config_prune": configs_for_launch},
+    )(kernel)
+
+
+_attn_kvcache_split_tuned = _autotune_kvcache(_attn_kvcache_split_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -916,3 +1163,86 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
                 **meta,
             )
     return dq, dk, dv
+
+
+def attention_with_kvcache(q, k_cache, v_cache, kv_lens, scale: float, _splits=None):
+    """Decoding attention: a few new queries per batch row over that row's prefix of a KV cache
+    (after their keys and values were written into it). No autograd.
+
+    q: (B, Hq, Tq, E); k_cache: (B, Hk, Tmax, E); v_cache: (B, Hk, Tmax, Ev); one dtype of
+    DTYPES, one device. Hq must be a multiple of Hk (GQA/MQA): query head h reads kv head
+    h // (Hq // Hk), nothing repeated. E, Ev in 1..MAX_HEAD_DIM (they may differ). Any
+    batch/head/row strides (e.g. a slice of a larger cache); the last dim must have unit stride.
+    No copies are made, except of inputs whose rows are not 16-byte aligned (see
+    `_aligned_rows`; for a cache that is a copy of the whole cache per call).
+    kv_lens: int32 (B,) contiguous, on q's device: row b's keys are cache rows [0, kv_lens[b]),
+    0 <= kv_lens[b] <= Tmax. The lengths are only read on the device (a CUDA graph of the call
+    stays valid as they change); a length outside that range is clamped into it.
+    Causal, bottom-right aligned: query i of row b sees keys j <= kv_lens[b] - Tq + i (the new
+    tokens are the last Tq of the row's keys); a query that sees no key gets out = 0.
+    scale: multiplies q k^T (1/sqrt(E) for standard attention).
+
+    Returns out (B, Hq, Tq, Ev) contiguous in q's dtype.
+
+    Split-KV (flash-decoding): one program per (batch, kv head, split) holds all Hq / Hk query
+    heads of the group and all Tq queries as the rows of its tiles, so every cache byte is read
+    once per group; each split walks an equal share of its row's own length, and a second
+    kernel merges the splits' outputs by their log-sum-exp. `_splits` (tests only) forces the
+    split count the launcher otherwise picks from the shapes and the SM count.
+    """
+    assert q.dtype in DTYPES, f"q: dtype {q.dtype}, want one of {DTYPES}"
+    assert q.dim() == 4 and k_cache.dim() == 4 and v_cache.dim() == 4, (
+        f"q, k_cache, v_cache must be 4-D (B, heads, rows, dim), got {q.dim()}-D, "
+        f"{k_cache.dim()}-D, {v_cache.dim()}-D")
+    assert k_cache.device == q.device and v_cache.device == q.device, (
+        f"q, k_cache, v_cache on {q.device}, {k_cache.device}, {v_cache.device}")
+    B, H, TQ, E = q.shape
+    HK, TMAX, EV = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    assert 1 <= E <= MAX_HEAD_DIM and 1 <= EV <= MAX_HEAD_DIM, (
+        f"head dims E={E} (q, k_cache), Ev={EV} (v_cache) must be in 1..{MAX_HEAD_DIM}")
+    assert HK >= 1 and H % HK == 0, f"q heads {H} must be a multiple of cache heads {HK}"
+    assert B <= _MAX_GRID_YZ and HK <= _MAX_GRID_YZ, (
+        f"batch {B} and cache heads {HK} must be <= 65535")
+    _check_heads("q", q, (B, H, TQ, E), q.dtype)
+    _check_heads("k_cache", k_cache, (B, HK, TMAX, E), q.dtype)
+    _check_heads("v_cache", v_cache, (B, HK, TMAX, EV), q.dtype)
+    assert (kv_lens.dtype == torch.int32 and tuple(kv_lens.shape) == (B,)
+            and kv_lens.is_contiguous() and kv_lens.device == q.device), (
+        f"kv_lens: {kv_lens.dtype} {tuple(kv_lens.shape)} on {kv_lens.device}, want contiguous "
+        f"int32 ({B},) on {q.device}")
+    out = torch.empty((B, H, TQ, EV), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if TMAX == 0:
+        return out.zero_()
+    q, k_cache, v_cache = _aligned_rows(q), _aligned_rows(k_cache), _aligned_rows(v_cache)
+    unit = 16 // q.element_size()
+    rows = H // HK * TQ  # rows of one (batch, kv head): its query heads x new queries
+    block_m = min(_block(rows), _KVCACHE_MAX_BLOCK_M[q.element_size()])
+    m_blocks = triton.cdiv(rows, block_m)
+    splits = _splits or _kvcache_splits(B * HK * m_blocks, TMAX, q.device)
+    with on_device(q):
+        if splits > 1:
+            part = torch.empty((B * H * TQ, splits, EV), dtype=torch.float32, device=q.device)
+            part_lse = torch.empty((B * H * TQ, splits), dtype=torch.float32, device=q.device)
+        else:
+            part, part_lse = out, out  # the split kernel writes out itself (and no lse)
+        _launch(
+            _attn_kvcache_split_tuned, (splits * m_blocks, HK, B),
+            q, k_cache, v_cache, kv_lens, part, part_lse,
+            *_strides(q, unit), *_strides(k_cache, unit), *_strides(v_cache, unit),
+            H // HK, TQ, TMAX, splits, m_blocks, scale,
+            T_BUCKET=triton.next_power_of_2(TMAX), E=E, EV=EV, IN_UNIT=unit,
+            WRITE_LSE=splits > 1, BLOCK_E=_block(E), BLOCK_EV=_block(EV), BLOCK_M=block_m,
+            interpreter_config=_KVCACHE_INTERPRETER_CONFIG,
+        )
+        if splits > 1:
+            block_ev = _block(EV)
+            _attn_kvcache_combine_kernel[(B * H * TQ,)](
+                part, part_lse, out,
+                splits,
+                EV=EV, BLOCK_EV=block_ev,
+                BLOCK_S=min(triton.next_power_of_2(splits), _COMBINE_BLOCK_ELEMS // block_ev),
+                num_warps=_COMBINE_WARPS,
+            )
+    return out

@@ -2,8 +2,23 @@
 
 import contextlib
 import functools
+import os
 
 import torch
+
+
+def interpreting():
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET set)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(tuned, grid, *args, interpreter_config, **meta):
+    """Launch an autotuned kernel; under the interpreter its kernel with one fixed config (the
+    interpreter would autotune by running every config, at numpy speed)."""
+    if interpreting():
+        tuned.fn[grid](*args, **meta, **interpreter_config.all_kwargs())
+    else:
+        tuned[grid](*args, **meta)
 
 
 @functools.lru_cache(maxsize=None)

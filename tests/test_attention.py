@@ -371,6 +371,55 @@ def test_monkey_patched_into_nanogpt_attention(monkeypatch):
     torch.testing.assert_close(got, want)
 
 
+def _hf_model(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                         vocab_size=101, attn_implementation="sdpa")
+        model = transformers.GPT2LMHeadModel(config)
+    else:  # a Llama with GQA (2 kv heads for 4 query heads) and rotary embeddings
+        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96,
+                                          num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, vocab_size=101,
+                                          max_position_embeddings=64, attn_implementation="sdpa")
+        model = transformers.LlamaForCausalLM(config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_monkey_patched_into_hugging_face_sdpa_attention(kind, monkeypatch):
+    """Hugging Face's SDPA attention path with fastgpt's function patched in: the same logits
+    for a plain batch (served by a kernel: no mask, is_causal), a padded batch (a mask: torch's
+    fallback), and the same greedy tokens from generate() with its KV cache (one query per step
+    over the cached keys)."""
+    model = _hf_model(kind)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 101, (2, 19), generator=g)
+    padding = torch.ones_like(ids)
+    padding[1, :5] = 0  # row 1 left-padded by 5 tokens
+    with torch.no_grad():
+        want_plain = model(ids).logits
+        want_padded = model(ids, attention_mask=padding).logits
+        want_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    calls = []
+
+    def patched(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is None and not kwargs.get("dropout_p"))
+        return fastgpt.scaled_dot_product_attention(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", patched)
+    with torch.no_grad():
+        got_plain = model(ids).logits
+        assert calls and all(calls), "the plain batch should reach a kernel (no mask)"
+        got_padded = model(ids, attention_mask=padding).logits
+        got_tokens = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(got_plain, want_plain, atol=2e-5, rtol=2e-5)
+    valid = padding.bool()
+    torch.testing.assert_close(got_padded[valid], want_padded[valid], atol=2e-5, rtol=2e-5)
+    assert torch.equal(got_tokens, want_tokens)
+
+
 # -------------------------------------------------------------------------------- memory
 
 _MEMORY_SCRIPT = textwrap.dedent("""
@@ -417,8 +466,10 @@ def _row_reference(q_row, keys, values, n, scale=None):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("backend", [None, "torch"])
-def test_kvcache_step_by_step_equals_full_attention(backend):
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_kvcache_step_by_step_equals_full_attention(backend, device):
+    if device == "cuda":
+        pytest.skip("float32 step-by-step check; CUDA kernels are covered in low precision below")
     g = torch.Generator().manual_seed(7)
     b, hq, hk, d, dv, t_max = 3, 4, 2, 16, 8, 40
     start = torch.tensor([0, 5, 11], dtype=torch.int32)  # rows of different lengths
@@ -450,6 +501,96 @@ def test_kvcache_step_by_step_equals_full_attention(backend):
             torch.testing.assert_close(out[r].double(), ref, atol=2e-6, rtol=2e-5)
         assert torch.equal(seqlens, before_lengths)  # the op does not advance the lengths
         seqlens += t_new
+
+
+def _kvcache_reference(q, k_cache, v_cache, lengths, dtype):
+    """attention_with_kvcache's result row by row in `dtype` (eager attention over each row's
+    visible prefix, bottom-right causal): the eager side of the 2x rule, or the float64 truth."""
+    group = q.shape[1] // k_cache.shape[1]
+    rows = []
+    for r in range(q.shape[0]):
+        keys = k_cache[r].to(dtype).repeat_interleave(group, 0)
+        values = v_cache[r].to(dtype).repeat_interleave(group, 0)
+        n, tq = int(lengths[r]), q.shape[2]
+        per_query = []
+        for i in range(tq):
+            seen = max(min(n - tq + i + 1, n), 0)
+            per_query.append(eager_attention(q[r, :, i:i + 1].to(dtype), keys[:, :seen],
+                                             values[:, :seen]))
+        rows.append(torch.cat(per_query, dim=1))
+    return torch.stack(rows)
+
+
+# (Hq, Hk, Tq, D, Dv, lengths, Tmax): GQA 8:1, MQA and Hq == Hk; one and several new queries;
+# rows of length 0 (no key for some queries), 1 and Tmax in one batch; head dims a kernel tile
+# does not fit (100 is padded inside) and Ev != E; Tmax long enough for several key splits.
+KV_CASES = [
+    pytest.param(8, 1, 1, 64, 64, (300, 1, 77), 300, id="gqa8-tq1"),
+    pytest.param(4, 4, 3, 40, 24, (0, 2, 129), 160, id="mha-tq3-dv24"),
+    pytest.param(6, 2, 2, 100, 100, (1, 257, 64), 257, id="gqa3-d100"),
+]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("hq,hk,tq,d,dv,lengths,t_max", KV_CASES)
+def test_kvcache_kernels_against_float64(backend, device, hq, hk, tq, d, dv, lengths, t_max):
+    g = torch.Generator().manual_seed(11)
+    b = len(lengths)
+    # Caches that are views into larger buffers (strided heads and rows, as a paged or
+    # preallocated cache gives).
+    big_k = torch.randn(b, hk + 1, t_max + 5, d + 8, generator=g, dtype=torch.float64)
+    big_v = torch.randn(b, hk + 1, t_max + 5, dv + 8, generator=g, dtype=torch.float64)
+    q64 = torch.randn(b, hq, tq, d, generator=g, dtype=torch.float64)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    ref = _kvcache_reference(q64, big_k[:, 1:, :t_max, :d], big_v[:, 1:, :t_max, :dv], lens,
+                             torch.float64)
+    for dtype in kernel_dtypes(backend, device):
+        k_cache = big_k.to(device=device, dtype=dtype)[:, 1:, :t_max, :d]
+        v_cache = big_v.to(device=device, dtype=dtype)[:, 1:, :t_max, :dv]
+        q = q64.to(device=device, dtype=dtype)
+        got = fastgpt.attention_with_kvcache(q, k_cache, v_cache, lens.to(device),
+                                             backend=backend)
+        assert got.shape == (b, hq, tq, dv) and got.dtype == dtype
+        eager = _kvcache_reference(q.cpu(), k_cache.cpu(), v_cache.cpu(), lens, dtype)
+        assert_close_rule(f"{backend}-{device}-{dtype}", got.cpu(), eager, ref,
+                          atol=CHECK_TOLERANCE[dtype])
+        # A query that sees no key gives zeros (row 0 of the tq3 case has no key at all).
+        for r, n in enumerate(lengths):
+            for i in range(tq):
+                if n - tq + i + 1 <= 0:
+                    assert torch.all(got[r, :, i] == 0)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_kvcache_under_compile(backend, device):
+    g = torch.Generator().manual_seed(3)
+    dtype = base_dtype(backend, device)
+    q = torch.randn(2, 4, 1, 32, generator=g).to(device=device, dtype=dtype)
+    k_cache = torch.randn(2, 2, 48, 32, generator=g).to(device=device, dtype=dtype)
+    v_cache = torch.randn(2, 2, 48, 32, generator=g).to(device=device, dtype=dtype)
+    k_new = torch.randn(2, 2, 1, 32, generator=g).to(device=device, dtype=dtype)
+    v_new = torch.randn(2, 2, 1, 32, generator=g).to(device=device, dtype=dtype)
+    seqlens = torch.tensor([5, 30], dtype=torch.int32, device=device)
+
+    def step(q, k_cache, v_cache, seqlens, k_new, v_new):
+        return fastgpt.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new,
+                                              backend=backend)
+
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    want = step(q, *caches[0], seqlens, k_new, v_new)
+    got = torch.compile(step, fullgraph=False)(q, *caches[1], seqlens, k_new, v_new)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(caches[1][0], caches[0][0])  # the in-place write happened
+
+
+@pytest.mark.parametrize("ns", OPS)
+def test_kvcache_opcheck(ns):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 2, 16, generator=g)
+    k_cache, v_cache = torch.randn(2, 2, 20, 16, generator=g), torch.randn(2, 2, 20, 8, generator=g)
+    lens = torch.tensor([7, 20], dtype=torch.int32)
+    op = getattr(torch.ops, ns).attention_with_kvcache
+    torch.library.opcheck(op, (q, k_cache, v_cache, lens, 0.25))
 
 
 def test_kvcache_errors_name_the_argument():

@@ -23,8 +23,9 @@ def test_bench_quick_writes_checked_results(tmp_path):
     proc = _fastgpt("bench", "--quick", "--no-compile", "--device", "cpu", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json"))
-    assert files == ["attention", "layernorm", "rmsnorm"]
-    variants = {"attention": {"fwd-causal", "bwd-causal", "fwd+bwd-causal"},
+    assert files == ["attention", "decode", "layernorm", "linear", "matmul", "rmsnorm"]
+    variants = {"attention": {"fwd-causal", "bwd-causal", "fwd+bwd-causal"}, "decode": {"decode"},
+                "linear": {"gelu_tanh", "swiglu", "mlp-fwd+bwd"}, "matmul": set(),
                 "layernorm": {"fwd", "fwd+grad", "fwd+residual", "bwd", "bwd+residual"}}
     variants["rmsnorm"] = variants["layernorm"]
     for path in tmp_path.glob("*.json"):
@@ -34,7 +35,9 @@ def test_bench_quick_writes_checked_results(tmp_path):
         # The heap is recorded, but neither changed nor probed unless asked.
         heap = result["cpu_heap"]
         assert not heap["requested"] and not heap["applied"] and heap["first_touch_gbps"] is None, heap
-        native = [r for r in result["rows"] if r["contender"] == "fastgpt.native"]
+        # (fastgpt has no CPU matmul kernel: torch.matmul is ATen's GEMM already)
+        native = [r for r in result["rows"] if r["contender"] == "fastgpt.native"
+                  and r["status"] != "unsupported"]
         assert {r["variant"] for r in native} == variants[result["case"]]
         for row in native:
             assert row["status"] == "ok" and row["ms"] > 0 and row["bytes"] > 0, row
@@ -173,6 +176,48 @@ def test_bench_attention_rows_and_work():
     # fwd+bwd times the forward and the backward in each call
     workload = case.workload(both, "cpu")
     assert workload.with_forward and workload.grad_outputs is not None
+
+
+def test_bench_decode_rows_and_work(tmp_path):
+    from fastgpt.bench import CASES
+
+    case = CASES["decode"]
+    problems = case.problems("cpu", None, quick=False)
+    assert {p.shape[0] for p in problems} == {1, 8}  # batch 1 and 8
+    (p,) = case.problems("cpu", None, quick=False, shapes=[(2, 8, 2, 100, 16)])
+    # the K and V caches read once, q read and out written; one token per batch row
+    assert p.bytes == (2 * 2 * 2 * 100 * 16 + 2 * 2 * 8 * 16) * 4 and p.tokens == 2
+    names = [c.name for c in case.contenders(p, "cpu", compile=False)]
+    assert names[:2] == ["torch.eager", "torch.sdpa"] and "fastgpt.native" in names
+    with pytest.raises(ValueError, match="Hk"):
+        case.problems("cpu", None, quick=False, shapes=[(1, 6, 4, 10, 8)])
+    proc = _fastgpt("bench", "decode", "--no-compile", "--quick", "--device", "cpu",
+                    "--shape", "2x8x2x100x16", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tokens/s" in proc.stdout
+    (result,) = _results(tmp_path)
+    rows = {r["contender"]: r for r in result["rows"]}
+    assert rows["fastgpt.native"]["status"] == "ok", rows["fastgpt.native"]
+    assert rows["fastgpt.native"]["tokens_per_s"] > 0
+
+
+def test_bench_linear_rows_and_work():
+    from fastgpt.bench import CASES
+
+    case = CASES["linear"]
+    problems = {p.variant: p for p in case.problems("cpu", None, quick=False)}
+    gelu = problems["gelu_tanh"]
+    assert gelu.shape == (4096, 3072, 768) and gelu.flops == 2 * 4096 * 3072 * 768
+    (swiglu,) = [p for p in case.problems("cpu", None, quick=False, shapes=[(8, 16, 32)])
+                 if p.variant == "swiglu"]
+    assert swiglu.flops == 2 * 8 * 32 * 32  # gate and up: 2N columns
+    names = [c.name for c in case.contenders(gelu, "cpu", compile=True)]
+    assert names[:2] == ["torch.eager", "torch.compile"] and "fastgpt.native" in names
+    mlp = problems["mlp-fwd+bwd"]
+    workload = case.workload(mlp, "cpu")
+    assert workload.with_forward and workload.grad_outputs is not None
+    with pytest.raises(ValueError, match="MxNxK"):
+        case.problems("cpu", None, quick=False, shapes=[(8, 16)])
 
 
 def test_profile_attention_end_to_end(tmp_path):

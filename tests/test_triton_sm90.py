@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from fastgpt.kernels import attention
+from fastgpt.kernels import attention, linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -24,6 +24,8 @@ KERNELS = {
     "layernorm": {"_norm_fwd_kernel", "_norm_bwd_kernel", "_norm_bwd_row_terms_kernel"},
     "attention": {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
                   "_attn_bwd_dq_kernel"},
+    "attention_with_kvcache": {"_attn_kvcache_split_kernel", "_attn_kvcache_combine_kernel"},
+    "linear": {"_gemm_kernel", "_gemm_persistent_kernel", "_act_bwd_kernel"},
 }
 
 # Spill budget of the layernorm backward (kernels/layernorm.py, "Register budget"): a few
@@ -128,12 +130,91 @@ def test_attention_16bit_dots_run_on_tensor_cores(compiled):
     assert not tf32, tf32
 
 
-def test_attention_shared_memory_fits_an_h100_block(compiled):
-    over = [r for r in _suite(compiled, "attention") if r["shared"] > SM90_MAX_SHARED_BYTES]
+@pytest.mark.parametrize("suite", ["attention", "attention_with_kvcache"])
+def test_attention_shared_memory_fits_an_h100_block(compiled, suite):
+    over = [r for r in _suite(compiled, suite) if r["shared"] > SM90_MAX_SHARED_BYTES]
     assert not over, over
 
 
-def test_attention_kernels_stay_within_the_spill_budget(compiled):
-    over = [r for r in _suite(compiled, "attention")
+@pytest.mark.parametrize("suite", ["attention", "attention_with_kvcache"])
+def test_attention_kernels_stay_within_the_spill_budget(compiled, suite):
+    over = [r for r in _suite(compiled, suite)
             if r["spill_store_bytes"] > ATTN_MAX_SPILL_BYTES[r["case"]["dtype"]]]
+    assert not over, over
+
+
+def _kvcache_config_key(config):
+    return config["BLOCK_N"], config["num_warps"], config["num_stages"]
+
+
+def test_kvcache_compiles_every_config_its_autotuner_can_pick(compiled):
+    splits = [r for r in _suite(compiled, "attention_with_kvcache")
+              if r["kernel"] == "_attn_kvcache_split_kernel"]
+    want_all = {_kvcache_config_key(dict(c.kwargs, num_warps=c.num_warps,
+                                         num_stages=c.num_stages))
+                for c in attention._kvcache_configs()}
+    assert {_kvcache_config_key(r["config"]) for r in splits} == want_all
+    for key, case in {_case_key("attention_with_kvcache", r["case"]): r["case"]
+                      for r in splits}.items():
+        if case["configs"] != "all":
+            continue
+        block = attention._block(case["head_dim"])
+        size = triton_sm90.DTYPES[case["dtype"]].itemsize
+        want = [_kvcache_config_key(dict(c.kwargs, num_warps=c.num_warps,
+                                         num_stages=c.num_stages))
+                for c in attention._kvcache_configs_for(block, block, size)]
+        got = [_kvcache_config_key(r["config"]) for r in splits
+               if _case_key("attention_with_kvcache", r["case"]) == key]
+        assert got == want, case
+
+
+def test_kvcache_16bit_dots_run_on_tensor_cores(compiled):
+    splits = [r for r in _suite(compiled, "attention_with_kvcache")
+              if r["kernel"] == "_attn_kvcache_split_kernel"]
+    assert {r["case"]["dtype"] for r in splits} == {"fp16", "bf16", "fp32"}
+    missing = [r for r in splits if r["case"]["dtype"] != "fp32" and not r["tensor_cores"]]
+    assert not missing, missing
+    tf32 = [r for r in splits if r["case"]["dtype"] == "fp32" and r["tensor_cores"]]
+    assert not tf32, tf32
+
+
+def _gemm_config_key(config):
+    return (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["GROUP_M"],
+            config["num_warps"], config["num_stages"])
+
+
+def test_linear_compiles_every_config_its_autotuner_can_pick(compiled):
+    gemms = [r for r in _suite(compiled, "linear") if r["kernel"] == "_gemm_kernel"]
+    want = {_gemm_config_key(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+            for c in linear._configs()}
+    assert {_gemm_config_key(r["config"]) for r in gemms} == want
+    # each full-strength case compiles exactly the table row of its launch
+    for r0 in gemms:
+        case = r0["case"]
+        if case["configs"] != "all":
+            continue
+        size = triton_sm90.DTYPES[case["dtype"]].itemsize
+        row = [_gemm_config_key(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+               for c in linear._configs_for(size, case["act"] in linear.GATED)]
+        assert [_gemm_config_key(r["config"]) for r in gemms if r["case"] == case] == row, case
+
+
+def test_linear_16bit_gemms_use_wgmma_and_fp32_follows_tf32(compiled):
+    gemms = [r for r in _suite(compiled, "linear")
+             if r["kernel"] in ("_gemm_kernel", "_gemm_persistent_kernel")]
+    # Hopper's warpgroup MMA for every 16-bit tile big enough for it (a warp group holds 64
+    # rows: BLOCK_M = 16, the decode-sized tiles, runs on mma.sync).
+    no_wgmma = [r for r in gemms if r["case"]["dtype"] != "fp32" and r["config"]["BLOCK_M"] >= 64
+                and not r["wgmma"]]
+    assert not no_wgmma, no_wgmma
+    assert all(r["tensor_cores"] for r in gemms if r["case"]["dtype"] != "fp32")
+    # fp32 reaches tensor cores (tf32) only when allow_tf32 says so; else exact FMA products.
+    for r in gemms:
+        if r["case"]["dtype"] == "fp32":
+            assert r["tensor_cores"] == (r["case"]["precision"] == "tf32"), r
+
+
+def test_linear_kernels_fit_and_do_not_spill(compiled):
+    records = _suite(compiled, "linear")
+    over = [r for r in records if r["shared"] > SM90_MAX_SHARED_BYTES or r["spill_store_bytes"]]
     assert not over, over

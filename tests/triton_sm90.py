@@ -152,10 +152,106 @@ def _attention_launch(case):
         kernels.attention_bwd(out, q, k, v, out, lse, case["causal"], e ** -0.5)
 
 
+# ----------------------------------------------------------------------------------------------
+# attention_with_kvcache: kernels/attention.py (split-KV decoding)
+# ----------------------------------------------------------------------------------------------
+
+# (dtype, head dim, query heads per kv head, new queries, splits, configs). Every config of the
+# 16-bit table rows is compiled at the fewest rows a program holds (G * Tq = 4, padded to 16:
+# one decode step of GQA 4:1) and at head dim 256 also at the most (8 x 8 = 64,
+# _KVCACHE_MAX_BLOCK_M, where the accumulators hold most registers), with the combine pass; the
+# first config elsewhere: one split (the split kernel writes out itself), bf16, head dims 72
+# and 111 (rows aligned through the stride units / copied to padded rows), and fp32 (one config
+# per head dim; at most 32 rows, reached by 8 x 4).
+KVCACHE_CASES = (
+    ("fp16", 64, 4, 1, 3, "all"),
+    ("fp16", 128, 4, 1, 3, "all"),
+    ("fp16", 256, 4, 1, 3, "all"),
+    ("fp16", 256, 8, 8, 3, "all"),
+    ("fp16", 128, 8, 8, 1, "first"),
+    ("bf16", 128, 4, 1, 3, "first"),
+    ("fp16", 72, 4, 3, 3, "first"),
+    ("fp16", 111, 1, 1, 3, "first"),
+    ("fp32", 64, 8, 4, 3, "first"),
+    ("fp32", 128, 8, 4, 3, "first"),
+    ("fp32", 256, 8, 4, 3, "first"),
+)
+KVCACHE_TMAX = 1024
+
+
+def _kvcache_cases():
+    for dtype_name, head_dim, group, q_len, splits, configs in KVCACHE_CASES:
+        yield dict(op="kvcache", dtype=dtype_name, head_dim=head_dim, group=group, q_len=q_len,
+                   splits=splits, configs=configs)
+
+
+def _kvcache_launch(case):
+    from fastgpt.kernels import attention as kernels
+
+    dtype, e, hk = DTYPES[case["dtype"]], case["head_dim"], 2
+    q = torch.randn(1, hk * case["group"], case["q_len"], e, dtype=dtype)
+    k = torch.randn(1, hk, KVCACHE_TMAX, e, dtype=dtype)
+    v = torch.randn(1, hk, KVCACHE_TMAX, e, dtype=dtype)
+    kv_lens = torch.full((1,), KVCACHE_TMAX, dtype=torch.int32)
+    kernels.attention_with_kvcache(q, k, v, kv_lens, e ** -0.5, _splits=case["splits"])
+
+
+# ----------------------------------------------------------------------------------------------
+# linear: kernels/linear.py
+# ----------------------------------------------------------------------------------------------
+
+# (op, dtype, activation, bias + residual + saved pre-activation, fp32 precision, configs).
+# Every config of every table row is compiled at full strength (16-bit and fp32: plain and the
+# gated two-accumulator variant; fp32 with tf32 and exact products); the other epilogue branches with their first
+# config; the persistent kernel with all its configs, plain and gated; the activation backward
+# for a plain, a gated and a bias-only call.
+LINEAR_CASES = (
+    ("gemm", "fp16", "none", False, None, "all"),
+    ("gemm", "fp16", "swiglu", True, None, "all"),
+    ("gemm", "bf16", "gelu_tanh", True, None, "first"),
+    ("gemm", "bf16", "geglu", False, None, "first"),
+    ("gemm", "fp32", "gelu", True, "tf32", "all"),
+    ("gemm", "fp32", "none", False, "ieee", "all"),
+    ("gemm", "fp32", "swiglu", False, "tf32", "all"),
+    ("gemm_persistent", "fp16", "gelu_tanh", True, None, "all"),
+    ("gemm_persistent", "bf16", "swiglu", False, None, "all"),
+    ("act_bwd", "bf16", "gelu_tanh", True, None, "all"),
+    ("act_bwd", "fp16", "swiglu", True, None, "all"),
+    ("act_bwd", "fp32", "none", True, None, "all"),
+)
+LINEAR_SIZE = 512
+
+
+def _linear_cases():
+    for op, dtype_name, act, epilogue, precision, configs in LINEAR_CASES:
+        yield dict(op=op, dtype=dtype_name, act=act, epilogue=epilogue, precision=precision,
+                   configs=configs)
+
+
+def _linear_launch(case):
+    from fastgpt.kernels import linear as kernels
+
+    dtype, n = DTYPES[case["dtype"]], LINEAR_SIZE
+    cols = 2 * n if case["act"] in kernels.GATED else n
+    if case["op"] in ("gemm", "gemm_persistent"):
+        torch.backends.cuda.matmul.allow_tf32 = case["precision"] == "tf32"
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, cols, dtype=dtype)
+        epilogue = case["epilogue"]
+        kernels.gemm(a, b, case["act"], bias=torch.zeros(cols, dtype=dtype) if epilogue else None,
+                     residual=torch.zeros(n, n, dtype=dtype) if epilogue else None,
+                     save_pre=epilogue and case["act"] != "none",
+                     persistent=case["op"] == "gemm_persistent")
+    else:
+        pre = torch.randn(n, cols, dtype=dtype) if case["act"] != "none" else None
+        kernels.act_backward(torch.randn(n, n, dtype=dtype), pre, case["act"], case["epilogue"])
+
+
 # Per suite (op): its cases and how to launch one.
 SUITES = {
     "layernorm": (_layernorm_cases, _layernorm_launch),
     "attention": (_attention_cases, _attention_launch),
+    "attention_with_kvcache": (_kvcache_cases, _kvcache_launch),
+    "linear": (_linear_cases, _linear_launch),
 }
 
 
@@ -267,7 +363,8 @@ def _compile_case(suite_case):
             suite=suite, case=case, kernel=kernel.name, config=_config_record(config),
             arch=kernel.metadata.target.arch, num_warps=kernel.metadata.num_warps,
             registers=regs, spill_store_bytes=spill_bytes, shared=kernel.metadata.shared,
-            tensor_cores=bool(re.search(r"\b(wgmma|mma\.sync)\.", ptx))))
+            tensor_cores=bool(re.search(r"\b(wgmma|mma\.sync)\.", ptx)),
+            wgmma=bool(re.search(r"\bwgmma\.", ptx))))
     return records
 
 

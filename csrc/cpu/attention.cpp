@@ -31,6 +31,7 @@
 // also needs the cap's derivative in dscores_tile); lse is already returned.
 #include "cpu/attention.h"
 #include "cpu/simd.h"
+#include "cpu/vmath.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -166,30 +167,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, S alpha, const S* a
 
 // ------------------------------------------------------------------- element-wise helpers
 
-// 2^x for x <= 127 (callers pass x <= 0, up to rounding), 0 below -126 (so exp2(-inf) = 0
-// exactly, as masked scores need), NaN kept. Plain arithmetic that vectorises under
-// `omp simd` (std::exp2f does not without -ffast-math): round x to the nearest integer n,
-// 2^(x-n) by its Taylor series to degree 7 (|x-n| <= 1/2: truncation error below 6e-9, so
-// the result is within a few float ulps), times 2^n built in the exponent bits.
-FASTGPT_INLINE float fast_exp2(float x) {
-  const float lo = x > -127.0f ? x : -127.0f;
-  const float xc = lo < 127.0f ? lo : 127.0f;
-  const float n = (xc + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23: round to nearest
-  const float f = xc - n;
-  float p = 1.5252733804059840e-05f;
-  p = p * f + 1.5403530393381606e-04f;
-  p = p * f + 1.3333558146428443e-03f;
-  p = p * f + 9.6181291076284770e-03f;
-  p = p * f + 5.5504108664821580e-02f;
-  p = p * f + 2.4022650695910071e-01f;
-  p = p * f + 6.9314718055994531e-01f;
-  p = p * f + 1.0f;
-  const float scale = __builtin_bit_cast(float, uint32_t(int32_t(n) + 127) << 23);
-  const float r = p * scale;
-  return x < -126.0f ? 0.0f : (x == x ? r : x);
-}
-
-FASTGPT_INLINE double fast_exp2(double x) { return std::exp2(x); }  // fp64 is for gradcheck
 
 template <class S>
 constexpr S kNegInf = -std::numeric_limits<S>::infinity();
@@ -348,18 +325,23 @@ struct Range {
   int64_t begin, end;
 };
 
-// Which keys each query sees. Every range is monotone in the query index (begin and end never
-// decrease as i grows), which the block-level helpers rely on.
+// Which keys each query sees: with `causal`, query i sees keys j <= i + offset (offset 0 is
+// torch's top-left alignment; kv_len - q_len is the bottom-right alignment of decoding, where
+// the queries are the last q_len keys). Every range is monotone in the query index (begin and
+// end never decrease as i grows), which the block-level helpers rely on.
 struct Visible {
   bool causal;
   int64_t q_len, kv_len;
+  int64_t offset = 0;
 
-  Range keys(int64_t i) const { return {0, causal ? std::min(i + 1, kv_len) : kv_len}; }
+  Range keys(int64_t i) const {
+    return {0, causal ? std::clamp<int64_t>(i + 1 + offset, 0, kv_len) : kv_len};
+  }
   // Keys seen by any of queries [i0, i1).
   Range keys(int64_t i0, int64_t i1) const { return {keys(i0).begin, keys(i1 - 1).end}; }
   // Queries that see any of keys [j0, j1).
   Range queries(int64_t j0, int64_t /*j1*/) const {
-    return {causal ? std::min(j0, q_len) : 0, q_len};
+    return {causal ? std::clamp<int64_t>(j0 - offset, 0, q_len) : 0, q_len};
   }
   // Whether every query of [i0, i1) sees every key of [j0, j1) (the tile needs no mask).
   bool whole(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
@@ -421,6 +403,9 @@ struct Problem {
   S alpha2;  // scale * log2(e): scores in base-2 units
   Operand<T> q, k, v;
   int64_t group;  // query heads per key/value head
+  // Decoding (attention_with_kvcache): batch row b has its own key count kv_lens[b], seen
+  // bottom-right causally; null for attention_fwd / attention_bwd.
+  const int32_t* kv_lens = nullptr;
 
   Problem(const AttentionShape& shape, const AttentionMask& mask, double sc, const void* q_,
           const RowStrides& qs, const void* k_, const RowStrides& ks, const void* v_,
@@ -440,10 +425,16 @@ struct Problem {
     return ((b * heads + h) * rows + i) * dim;
   }
 
+  // The keys batch row b's queries see.
+  Visible visible(int64_t b) const {
+    if (kv_lens == nullptr) return vis;
+    return {true, sh.q_len, kv_lens[b], kv_lens[b] - sh.q_len};
+  }
+
   // s[m x n] = alpha2 * Q K^T, masked where the tile straddles the mask boundary. The one
   // score computation that the forward and both backward passes share.
   void score_tile(const Tile<S>& qt, const Tile<S>& kt, int64_t i0, int64_t m, int64_t j0,
-                  int64_t n, S* s, int64_t lds) const {
+                  int64_t n, S* s, int64_t lds, const Visible& vis) const {
     gemm<S>(false, true, m, n, sh.qk_dim, alpha2, qt.data, qt.ld, kt.data, kt.ld, S(0), s, lds);
     if (!vis.whole(i0, i0 + m, j0, j0 + n)) mask_tile(s, lds, i0, m, j0, n, vis);
   }
@@ -491,13 +482,14 @@ void fwd_impl(const Problem<T>& pb, T* out, typename Compute<T>::type* lse) {
     const Tile<S> qt = load_tile(pb.q.rows(b, h, i0), pb.q.st.row, m, E, w.q);
     std::fill(w.row_max, w.row_max + m, kNegInf<S>);
     std::fill(w.row_sum, w.row_sum + m, S(0));
-    const Range keys = pb.vis.keys(i0, i0 + m);
+    const Visible vis = pb.visible(b);
+    const Range keys = vis.keys(i0, i0 + m);
     bool first = true;
     for (int64_t j0 = keys.begin; j0 < keys.end; j0 += bk) {
       const int64_t n = std::min(bk, keys.end - j0);
       const Tile<S> kt = load_tile(pb.k.rows(b, g, j0), pb.k.st.row, n, E, w.k);
       const Tile<S> vt = load_tile(pb.v.rows(b, g, j0), pb.v.st.row, n, Ev, w.v);
-      pb.score_tile(qt, kt, i0, m, j0, n, w.s, bk);
+      pb.score_tile(qt, kt, i0, m, j0, n, w.s, bk, vis);
       softmax_tile(w.s, bk, m, n, w.row_max, w.row_sum, w.corr);
       if (!first) scale_rows(w.acc, Ev, m, Ev, w.corr);
       gemm<S>(false, false, m, Ev, n, S(1), w.s, bk, vt.data, vt.ld, first ? S(0) : S(1), w.acc,
@@ -506,10 +498,10 @@ void fwd_impl(const Problem<T>& pb, T* out, typename Compute<T>::type* lse) {
     }
     if (first) std::fill(w.acc, w.acc + m * Ev, S(0));  // no key seen: out = 0
     // out = acc / row_sum; lse = ln(2) * (row_max + log2(row_sum)), -inf where nothing is seen.
-    S* lse_rows = lse + (b * sh.q_heads + h) * sh.q_len + i0;
+    S* lse_rows = lse == nullptr ? nullptr : lse + (b * sh.q_heads + h) * sh.q_len + i0;
     for (int64_t r = 0; r < m; ++r) {
       const S l = w.row_sum[r];
-      lse_rows[r] = l > 0 ? S(kLn2) * (w.row_max[r] + std::log2(l)) : kNegInf<S>;
+      if (lse_rows) lse_rows[r] = l > 0 ? S(kLn2) * (w.row_max[r] + std::log2(l)) : kNegInf<S>;
       w.corr[r] = l > 0 ? S(1) / l : S(0);
     }
     convert_rows<S, T>(w.acc, Ev, m, Ev, out + pb.out_offset(b, h, i0, sh.q_heads, sh.q_len, Ev),
@@ -603,7 +595,7 @@ void bwd_impl(const Problem<T>& pb, const Operand<T>& dout, const Operand<T>& ou
         const int64_t n = std::min(bk, keys.end - j0);
         const Tile<S> kt = load_tile(pb.k.rows(b, g, j0), pb.k.st.row, n, E, w.k);
         const Tile<S> vt = load_tile(pb.v.rows(b, g, j0), pb.v.st.row, n, Ev, w.v);
-        pb.score_tile(qt, kt, i0, m, j0, n, w.s, bk);
+        pb.score_tile(qt, kt, i0, m, j0, n, w.s, bk, pb.vis);
         probs_tile(w.s, bk, m, n, w.lse2);
         gemm<S>(false, true, m, n, Ev, S(1), dot.data, dot.ld, vt.data, vt.ld, S(0), w.dp, bk);
         dscores_tile(w.dp, w.s, bk, m, n, dl);
@@ -638,7 +630,7 @@ void bwd_impl(const Problem<T>& pb, const Operand<T>& dout, const Operand<T>& ou
           load_lse2(lse_all + lse_rows(b, h, i0), m, w.lse2);
           const S* dl = delta + lse_rows(b, h, i0);
           const S beta = first ? S(0) : S(1);
-          pb.score_tile(qt, kt, i0, m, j0, n, w.s, bk);
+          pb.score_tile(qt, kt, i0, m, j0, n, w.s, bk, pb.vis);
           probs_tile(w.s, bk, m, n, w.lse2);
           gemm<S>(true, false, n, Ev, m, S(1), w.s, bk, dot.data, dot.ld, beta, w.acc_v, Ev);
           gemm<S>(false, true, m, n, Ev, S(1), dot.data, dot.ld, vt.data, vt.ld, S(0), w.dp, bk);
@@ -684,6 +676,22 @@ void attention_fwd(DType dtype, const AttentionShape& shape, const AttentionMask
     using S = typename Compute<T>::type;
     const Problem<T> pb(shape, mask, scale, q, q_strides, k, k_strides, v, v_strides);
     fwd_impl<T>(pb, static_cast<T*>(out), static_cast<S*>(lse));
+  });
+}
+
+void attention_with_kvcache(DType dtype, const AttentionShape& shape, double scale,
+                            const void* q, const RowStrides& q_strides,
+                            const void* k_cache, const RowStrides& k_strides,
+                            const void* v_cache, const RowStrides& v_strides,
+                            const int32_t* kv_lens, void* out) {
+  if (shape.batch == 0 || shape.q_heads == 0 || shape.q_len == 0) return;
+  with_element_type(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    using S = typename Compute<T>::type;
+    Problem<T> pb(shape, AttentionMask{true}, scale, q, q_strides, k_cache, k_strides, v_cache,
+                  v_strides);
+    pb.kv_lens = kv_lens;
+    fwd_impl<T>(pb, static_cast<T*>(out), nullptr);
   });
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 
+#include "attention_shape.h"
 #include "common.h"
 
 namespace fastgpt {
@@ -15,36 +16,6 @@ namespace cpu {
 // are computed in float (tiles are converted on the way in and out).
 constexpr DType kAttentionDTypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16,
                                       DType::kFloat64};
-
-// Sizes of one attention call. Query head h reads key/value head h / (q_heads / kv_heads)
-// (grouped-query attention; q_heads must be a multiple of kv_heads, and K/V are never
-// repeated in memory). qk_dim (E) and v_dim (Ev) are >= 1 and may differ; q_len (L) and
-// kv_len (S) may be 0.
-struct AttentionShape {
-  int64_t batch = 0;
-  int64_t q_heads = 0;
-  int64_t kv_heads = 0;
-  int64_t q_len = 0;
-  int64_t kv_len = 0;
-  int64_t qk_dim = 0;
-  int64_t v_dim = 0;
-};
-
-// Where the rows of a (batch, heads, rows, dim) operand lie: element [b, h, i, e] is at
-// data + b * batch + h * head + i * row + e. Any value is allowed (0 for a broadcast
-// dimension, negative, overlapping); elements within a row must be contiguous.
-struct RowStrides {
-  int64_t batch = 0;
-  int64_t head = 0;
-  int64_t row = 0;
-};
-
-// Which keys a query sees. causal: torch's top-left alignment (query i sees keys j <= i,
-// torch.ones(L, S).tril()), so with L > S rows i >= S see every key. A query that sees no
-// key gets out = 0 and lse = -inf (with S = 0, every query).
-struct AttentionMask {
-  bool causal = false;
-};
 
 // Forward.
 //  q: (B, Hq, L, E), k: (B, Hk, S, E), v: (B, Hk, S, Ev), each with its RowStrides.
@@ -57,6 +28,20 @@ void attention_fwd(DType dtype, const AttentionShape& shape, const AttentionMask
                    const void* k, const RowStrides& k_strides,
                    const void* v, const RowStrides& v_strides,
                    void* out, void* lse);
+
+// Decoding: attention of the newest q_len queries over each batch row's own prefix of a KV
+// cache (the contract of fastgpt::cuda::attention_with_kvcache, cuda/attention.h).
+//  q: (B, Hq, Tq, E); k_cache: (B, Hk, Tmax, E); v_cache: (B, Hk, Tmax, Ev), each with its
+//  RowStrides; shape.q_len = Tq, shape.kv_len = Tmax.
+//  kv_lens: (B,), 0 <= kv_lens[b] <= Tmax: row b's keys are cache rows [0, kv_lens[b]), seen
+//  causally bottom-right aligned (query i sees keys j <= kv_lens[b] - Tq + i; one that sees
+//  none gets out = 0).
+//  out: contiguous (B, Hq, Tq, Ev).
+void attention_with_kvcache(DType dtype, const AttentionShape& shape, double scale,
+                            const void* q, const RowStrides& q_strides,
+                            const void* k_cache, const RowStrides& k_strides,
+                            const void* v_cache, const RowStrides& v_strides,
+                            const int32_t* kv_lens, void* out);
 
 // Backward, from the forward's out and lse (the probabilities are recomputed, never stored).
 //  dout: (B, Hq, L, Ev), gradient of out, with its RowStrides; out likewise.

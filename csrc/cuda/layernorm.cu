@@ -23,6 +23,7 @@
 // registers, writes one partial row per CTA into the workspace, and a second kernel sums
 // the partial rows per column in a fixed order (deterministic, no atomics). Rows too long
 // for that get a dx-only pass plus a column-partials kernel that re-reads src and dy.
+#include "cuda/device.cuh"
 #include "cuda/layernorm.h"
 
 #include <cuda_bf16.h>
@@ -30,14 +31,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 
 namespace fastgpt {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kVecBytes = 16;
 
 // Forward: a row group of up to 512 threads, so each may use 128 registers (ptxas, sm_80 to
@@ -87,28 +86,10 @@ __host__ __device__ constexpr int bwd_items() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Element access.
+// Element access (to_float, from_float, pack2: device.cuh).
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// Two 16-bit elements in one 32-bit word (element 2k in the low half).
+// Element 2k (lo) or 2k + 1 (hi) of a word that pack2 filled, one at a time: get(j) converts
+// only the element it reads.
 template <typename T>
 struct Pair;
 template <>
@@ -119,19 +100,11 @@ struct Pair<__half> {
   __device__ static float hi(uint32_t w) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
   }
-  __device__ static uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
 };
 template <>
 struct Pair<__nv_bfloat16> {
   __device__ static float lo(uint32_t w) { return __uint_as_float(w << 16); }
   __device__ static float hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-  __device__ static uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
 };
 
 // kVec consecutive elements moved with one access. get(j) reads element j as float; of()
@@ -156,7 +129,7 @@ struct alignas(std::min<size_t>(sizeof(T) * kVec, kVecBytes)) Pack<T, kVec, true
   __device__ static Pack of(const float (&f)[kVec]) {
     Pack p;
 #pragma unroll
-    for (int k = 0; k < kVec / 2; ++k) p.w[k] = Pair<T>::pack(f[2 * k], f[2 * k + 1]);
+    for (int k = 0; k < kVec / 2; ++k) p.w[k] = pack2<T>(f[2 * k], f[2 * k + 1]);
     return p;
   }
 };
@@ -637,32 +610,6 @@ __global__ void __launch_bounds__(kColPartialThreads)
   }
 }
 
-// Sums the partial rows per column in a fixed order: out[col] = sum_r partials[r, col].
-// blockIdx.y picks the accumulator (dweight, then dbias). Each thread sums a strided
-// subset of rows for one column (a warp reads 128 contiguous bytes per row), then one warp
-// adds the kReduceSlices subtotals.
-constexpr int kReduceCols = 32;
-constexpr int kReduceSlices = 16;
-
-__global__ void __launch_bounds__(kReduceCols* kReduceSlices)
-    sum_partial_rows_kernel(const float* __restrict__ partials, int rows, int N,
-                            float* __restrict__ out0, float* __restrict__ out1) {
-  const int col = blockIdx.x * kReduceCols + threadIdx.x;
-  const float* part = partials + int64_t(blockIdx.y) * rows * N;
-  float s = 0.f;
-  if (col < N) {
-    for (int r = threadIdx.y; r < rows; r += kReduceSlices) s += part[int64_t(r) * N + col];
-  }
-  __shared__ float subtotal[kReduceSlices][kReduceCols];
-  subtotal[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y != 0 || col >= N) return;
-  float total = 0.f;
-#pragma unroll
-  for (int k = 0; k < kReduceSlices; ++k) total += subtotal[k][threadIdx.x];
-  (blockIdx.y == 0 ? out0 : out1)[col] = total;
-}
-
 // ---------------------------------------------------------------------------------------
 // Host side.
 
@@ -688,24 +635,9 @@ RowShape pick_row_shape(int vecs, int items, int cta_threads, int max_threads) {
   return {threads, std::max(1, cta_threads / threads), (vecs + per_chunk - 1) / per_chunk};
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kVecBytes == 0; }
+static_assert(kVecBytes == 16, "vector accesses are the 16 bytes aligned16 checks");
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Multiprocessor count, cached per device (the backward grid and the workspace size both
-// derive from it).
-cudaError_t multiprocessor_count(int device, int* count) {
-  constexpr int kCachedDevices = 64;
-  static std::atomic<int> cache[kCachedDevices] = {};
-  const bool cacheable = device >= 0 && device < kCachedDevices;
-  if (cacheable) {
-    *count = cache[device].load(std::memory_order_relaxed);
-    if (*count > 0) return cudaSuccess;
-  }
-  const cudaError_t err = cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess && cacheable) cache[device].store(*count, std::memory_order_relaxed);
-  return err;
-}
 
 // Partial rows of a backward that produces dweight/dbias (= CTAs of the persistent grid).
 // Depends on M and the device only, so norm_bwd_workspace_bytes can size the workspace
@@ -802,11 +734,6 @@ cudaError_t norm_bwd_typed(bool rms, const BwdArgs& a, int64_t partial_rows,
              : launch_bwd<T, P, false, 1>(a, partial_rows, stream);
 }
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
 // The one table from (dtype, param_dtype) to element types: calls
 // launch(TypeTag<T>{}, TypeTag<P>{}) with P = T or P = float, and refuses anything else.
 // For float x the two coincide, so nothing is instantiated twice.
@@ -900,13 +827,10 @@ cudaError_t norm_bwd(DType dtype, DType param_dtype, bool rms, const void* dy, c
         rms, a, partial_rows, stream);
   });
   if (err != cudaSuccess || !partials) return err;
-  // Partial rows -> dweight (blockIdx.y = 0 when requested) and dbias.
-  const dim3 grid(static_cast<unsigned>(ceil_div(N, kReduceCols)),
-                  static_cast<unsigned>(int(dweight != nullptr) + int(dbias != nullptr)));
-  sum_partial_rows_kernel<<<grid, dim3(kReduceCols, kReduceSlices), 0, stream>>>(
-      ws, static_cast<int>(partial_rows), static_cast<int>(N),
-      dweight != nullptr ? dweight : dbias, dbias);
-  return cudaGetLastError();
+  // Partial rows -> dweight (slab 0 when requested) and dbias.
+  return sum_partial_rows(ws, static_cast<int>(partial_rows), N,
+                          int(dweight != nullptr) + int(dbias != nullptr),
+                          dweight != nullptr ? dweight : dbias, dbias, stream);
 }
 
 }  // namespace cuda
