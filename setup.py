@@ -13,10 +13,10 @@ CUDA target architectures (torch's syntax: ``8.0;8.6;9.0+PTX``, ``;`` or space s
   those torch itself was compiled for, else (a torch without CUDA) those of the torch 2.11
   cu130 wheels, ``FALLBACK_ARCHS`` below. From that list entries below 8.0 are dropped (with a
   message), the newest architecture also gets PTX (a GPU newer than all of them JIT-compiles
-  it), and 9.0a is added beside 9.0 (Hopper-only kernels).
+  it), and 9.0 becomes 9.0a (the same GPUs run it; it may hold Hopper-only instructions).
 
 The list built reaches the C++ code as the string macro ``FASTGPT_CUDA_ARCHS``
-(``"8.0;8.6;9.0;9.0a;10.0;12.0+PTX"``: one entry per SASS target, ``+PTX`` where PTX is
+(``"8.0;8.6;9.0a;10.0;12.0+PTX"``: one entry per SASS target, ``+PTX`` where PTX is
 embedded; ``""`` in a CPU-only build), which the extension reports at run time.
 
 Build with ``pip install --no-build-isolation --no-deps -e .``: the extension must be compiled
@@ -138,7 +138,13 @@ def cuda_archs(fastgpt_archs=None, torch_cuda_arch_list=None, torch_built=()):
                          f"{MIN_ARCH[0]}.{MIN_ARCH[1]} or newer")
     # PTX of the newest plain target: an arch-specific (a/f) PTX would not JIT on a new GPU.
     archs.append(plain[-1]._replace(ptx=True))
+    # Hopper: sm_90a instead of sm_90. Both are SASS for compute capability 9.0 only (every
+    # such GPU runs sm_90a), and sm_90a may hold the Hopper-only instructions (wgmma, TMA), so
+    # a plain sm_90 beside it would only double nvcc's work for that target. A 9.0 that carries
+    # the PTX stays (PTX of the arch-specific target could not JIT elsewhere).
+    archs = _merged(archs)
     if any((a.major, a.minor, a.suffix) == (9, 0, "") for a in archs):
+        archs = [a for a in archs if (a.major, a.minor, a.suffix, a.ptx) != (9, 0, "", False)]
         archs.append(Arch(9, 0, "a"))
     return ArchPlan(_merged(archs), dropped, source)
 

@@ -18,8 +18,9 @@ from .harness import (
 from .attention import CASES as _ATTENTION_CASES
 from .layernorm import CASES as _NORM_CASES
 from .linear import CASES as _LINEAR_CASES
+from .model import CASES as _MODEL_CASES
 
-CASES = {case.name: case for case in _NORM_CASES + _ATTENTION_CASES + _LINEAR_CASES}
+CASES = {case.name: case for case in _NORM_CASES + _ATTENTION_CASES + _LINEAR_CASES + _MODEL_CASES}
 
 __all__ = [
     "CASES",

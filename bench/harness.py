@@ -78,6 +78,10 @@ class Contender:
     fn: Callable[..., Any]
     checked: bool = False  # compare the output with the reference before timing
     optional: bool = False  # a failure is recorded as "skipped" (not ours), not as "error"
+    # The check of a checked contender: (output, eager's output, float64 reference) -> None or
+    # what failed. None: fastgpt.testing.compare, the accuracy rule. Cases whose outputs are
+    # not values with an error (generated tokens) give their own.
+    check: Callable[[Any, Any, Any], str | None] | None = None
 
 
 @dataclass
@@ -133,6 +137,9 @@ class Case(Protocol):
 
     # The first contender is eager PyTorch: run in float64 it is the check's reference.
     def contenders(self, problem: Problem, device: str, compile: bool) -> list[Contender]: ...
+
+    # Optional: ``notes(device) -> list[str]``, lines printed under the case's table and kept
+    # in its result (what a contender runs, what a column means, what is not measured).
 
 
 def fastgpt_backends(device: str) -> list[str]:
@@ -409,7 +416,7 @@ def _check(
             run = workload.runner(contender.fn)
             out = run()
         if check is not None:
-            mismatch = compare(out, *check)
+            mismatch = (contender.check or compare)(out, *check)
             if mismatch:
                 return out, None, ("mismatch", mismatch), peak["mib"]
     except Exception as e:  # noqa: BLE001 - see above
@@ -460,8 +467,9 @@ def _add_rates(rows: list[dict], problem: Problem, session: Session, baselines: 
     times = {r["contender"]: r["ms"] for r in rows if r["ms"]}
     for r in rows:
         ms = r["ms"]
-        r["gbps"] = problem.bytes / ms / 1e6 if ms else None
-        r["pct_copy"] = 100 * r["gbps"] / session.copy_bandwidth() if ms else None
+        # bytes 0: a problem whose work is FLOPs only (a training step); no GB/s then.
+        r["gbps"] = problem.bytes / ms / 1e6 if ms and problem.bytes else None
+        r["pct_copy"] = 100 * r["gbps"] / session.copy_bandwidth() if r["gbps"] else None
         r["tflops"] = problem.flops / ms / 1e9 if ms and problem.flops else None
         r["pct_gemm"] = (
             100 * r["tflops"] / session.gemm_rate(problem.gemm_dtype)
@@ -483,7 +491,9 @@ def run_case(
     rows = []
     for problem in case.problems(session.device, dtypes, session.quick, session.shapes):
         rows += run_problem(case, problem, session, log)
-    return {"case": case.name, **session.metadata(), "baselines": list(case.baselines), "rows": rows}
+    notes = getattr(case, "notes", None)
+    return {"case": case.name, **session.metadata(), "baselines": list(case.baselines), "rows": rows,
+            "notes": list(notes(session.device)) if notes else []}
 
 
 def failed_rows(result: dict[str, Any]) -> list[dict]:
@@ -629,7 +639,8 @@ def render_table(result: dict[str, Any]) -> str:
             c.ljust(w) if i in text_cols else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
         ).rstrip()
 
-    return "\n".join([f"== {result['case']} ==", line(headers), *map(line, body)])
+    notes = [f"note: {n}" for n in result.get("notes", ())]
+    return "\n".join([f"== {result['case']} ==", line(headers), *map(line, body), *notes])
 
 
 def render_markdown(result: dict[str, Any] | str | Path) -> str:
@@ -641,6 +652,8 @@ def render_markdown(result: dict[str, Any] | str | Path) -> str:
     lines += [f"- {line}" for line in render_header(result)]
     lines += ["", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    if result.get("notes"):
+        lines += [""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
 
 

@@ -967,6 +967,10 @@ void linear_cpu(LinearFwd& f, bool save_pre) {
   // c_fc at 0.54x eager instead of ~1.1x (4096 x 3072 x 768 fp32, 2 threads).
   if (bias_in_gemm) {
     at::addmm_out(z, bias_gemm, f.x, f.weight.t());
+  } else if (dtype == DType::kFloat32 && f.M <= cpu::kSkinnyMaxRows && f.M > 0 &&
+             f.x.stride(1) == 1 && f.weight.stride(1) == 1) {
+    cpu::skinny_gemm(f.x.data_ptr<float>(), f.x.stride(0), f.weight.data_ptr<float>(),
+                     f.weight.stride(0), z.data_ptr<float>(), f.M, nz, f.K);
   } else {
     at::mm_out(z, f.x, f.weight.t());
   }

@@ -402,8 +402,11 @@ def _check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> None:
                 or v_new.shape != (b, hk, new, v_cache.shape[-1])):
             raise ValueError(f"{op}: k_new {tuple(k_new.shape)} / v_new {tuple(v_new.shape)} must "
                              f"be (B, Hk, Tnew, D) / (B, Hk, Tnew, Dv) like the caches")
-    # One host read of the lengths: a length past the cache would write out of bounds.
-    if b == 0:
+    # One host read of the lengths: a length past the cache would write out of bounds. Not
+    # inside torch.compile: a compiled decoding step must not read device values on the host
+    # (a graph break and a device sync per step); there the scatter's own index check and the
+    # kernels' (CPU: checked, CUDA and Triton: clamped on the device) stand in for it.
+    if b == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     if lo < 0 or hi + new > t_max:

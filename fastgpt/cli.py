@@ -6,15 +6,21 @@
     fastgpt profile attention [--seq-lens 512,1024,...] [--batch B] [--heads H] [--head-dim D]
                   [--causal] [--backward] [--dtype DTYPE] [--device cpu|cuda|auto]
                   [--json FILE] [--plot FILE.png] [--trace DIR]
+    fastgpt train --data FILE [--preset tiny|small] [--steps N] [--batch-size B]
+                  [--block-size T] [--lr LR] [--device cpu|cuda|auto]
+                  [--backend torch|triton|native|auto] [--out DIR] [--resume] [--seed S]
+                  [--eval-every N] [--save-every N] [--log-every N] [--sample BYTES]
 
 Exit status: 0 ok; 1 a fastgpt contender failed its check against eager PyTorch or raised
-(a backend refusing an input by design, with BackendError, is reported but not a failure);
-2 usage error.
+(a backend refusing an input by design, with BackendError, is reported but not a failure),
+or training diverged (the loss stopped being finite); 2 usage error (for train also a missing
+or too short data file, or a checkpoint to resume that is missing or does not match).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -26,6 +32,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # that running a benchmark never dirties a checkout. Results worth keeping are copied into
 # bench/results/ and committed on purpose.
 DEFAULT_OUT = "bench/results/local"
+
+# Where `fastgpt train` keeps its checkpoint unless --out says otherwise (runs/train-<preset>),
+# ignored by git for the same reason.
+DEFAULT_TRAIN_OUT = "runs"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -168,10 +178,62 @@ def _progress_bar(done: int, total: int, what: str) -> None:
           file=sys.stderr, flush=True)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from . import train
+    from .backends import use_backend
+
+    out = args.out if args.out is not None else f"{DEFAULT_TRAIN_OUT}/train-{args.preset}"
+    config = train.TrainConfig(
+        data=args.data, preset=args.preset, steps=args.steps, batch_size=args.batch_size,
+        block_size=args.block_size, lr=args.lr, eval_every=args.eval_every,
+        save_every=args.save_every, log_every=args.log_every, out_dir=out, resume=args.resume,
+        seed=args.seed, device=args.device,
+        backend=None if args.backend == "auto" else args.backend)
+    try:
+        config.validate()
+    except (FileNotFoundError, ValueError) as exc:
+        args.parser.error(str(exc).removeprefix("train: "))
+    model_config = config.model_config()
+    block_size = config.window()
+    n_sample = args.sample if args.sample is not None else min(200, model_config.block_size - 1)
+    if not 0 <= n_sample < model_config.block_size:
+        args.parser.error(f"--sample must be in 0..{model_config.block_size - 1} (one prompt "
+                          f"byte plus the sample fit block_size), got {n_sample}")
+
+    device = config.torch_device()
+    precision = "bf16 autocast, fp32 weights" if device.type == "cuda" else "fp32"
+    print(f"fastgpt train: preset {args.preset} ({model_config.n_layer} layers, "
+          f"{model_config.n_embd} wide), {os.path.getsize(args.data):,} bytes of {args.data}, "
+          f"batch {args.batch_size}x{block_size}, {device.type} {precision}, backend "
+          f"{args.backend}", flush=True)
+    if args.resume:
+        step = torch.load(config.checkpoint_path(), map_location="cpu", weights_only=True,
+                          mmap=True)["step"]
+        print(f"resuming from step {step} of {config.checkpoint_path()}", flush=True)
+    try:
+        result = train.train(config, progress=_progress_bar)
+    except FloatingPointError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if result.step == result.resumed_from:
+        print(f"nothing to do: the checkpoint is at step {result.step}, --steps {args.steps}")
+        return EXIT_OK
+    summary = f"step {result.step}: loss {result.losses[-1]:.4f}"
+    if result.val_losses:
+        summary += f", val loss {result.val_losses[max(result.val_losses)]:.4f}"
+    print(summary + (f"; wrote {result.checkpoint}" if result.checkpoint else ""))
+    if n_sample:
+        with use_backend(config.backend):
+            text = train.sample(result.model, "\n", n_sample, seed=args.seed)
+        print(f"sample:\n{text}")
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .backends import BACKENDS
 
-    parser = argparse.ArgumentParser(prog="fastgpt", description="fastgpt kernels: benchmarks and diagnostics")
+    parser = argparse.ArgumentParser(prog="fastgpt", description="fastgpt kernels: benchmarks, diagnostics and training")
     parser.add_argument("--version", action="version", version=f"fastgpt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -198,7 +260,8 @@ def _parser() -> argparse.ArgumentParser:
         type=_shape,
         metavar="SHAPE",
         help=("time these shapes, every variant, instead of the default plan (repeatable; norms: "
-              "ROWSxHIDDEN, e.g. 4x768; attention: BxHxTxD; decode: BxHqxHkxTxD, e.g. 1x32x8x32768x128)"),
+              "ROWSxHIDDEN, e.g. 4x768; attention: BxHxTxD; decode: BxHqxHkxTxD, e.g. 1x32x8x32768x128; "
+              "linear: MxNxK; model: BxT for train/prefill, BxPxN for decode)"),
     )
     heap = bench.add_mutually_exclusive_group()
     heap.add_argument(
@@ -256,6 +319,52 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("--trace", metavar="DIR",
                            help="write a torch.profiler Chrome trace per contender and length")
     attention.set_defaults(handler=_profile, parser=attention)
+
+    train = commands.add_parser(
+        "train",
+        help="train a small GPT on a text file, one token per byte",
+        description=(
+            "Train a byte-level GPT preset on a local text file: AdamW, warm-up and cosine "
+            "learning rate, bf16 autocast with fp32 weights on CUDA (fp32 on CPU). A progress "
+            "bar shows the loss and tokens/s; --out keeps a checkpoint that --resume continues "
+            "exactly; a short sample is printed at the end."
+        ),
+    )
+    train.add_argument("--data", required=True, metavar="FILE", help="the text to train on")
+    train.add_argument("--preset", default="small", metavar="NAME",
+                       help="a byte-level GPTConfig preset: tiny or small (default: %(default)s)")
+    train.add_argument("--steps", type=int, default=1000,
+                       help="train until this many steps are done, resumed ones included "
+                            "(default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=16, help="B (default: %(default)s)")
+    train.add_argument("--block-size", type=int,
+                       help="the training window T (default and most: the preset's block_size)")
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="peak learning rate (default: %(default)s)")
+    train.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                       help="auto: cuda if available")
+    train.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
+                       help="fastgpt's kernels (default: auto; torch: eager PyTorch)")
+    train.add_argument("--out", metavar="DIR",
+                       help=f"checkpoint directory (default: {DEFAULT_TRAIN_OUT}/train-PRESET, "
+                            "ignored by git)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint in --out (same preset, batch and "
+                            "block size)")
+    train.add_argument("--seed", type=int, default=1337,
+                       help="initial weights, batches and sample (default: %(default)s)")
+    train.add_argument("--eval-every", type=int, default=100, metavar="N",
+                       help="validation loss on the file's last 10%% every N steps; 0: never "
+                            "(default: %(default)s)")
+    train.add_argument("--save-every", type=int, default=100, metavar="N",
+                       help="checkpoint every N steps and at the end; 0: at the end only "
+                            "(default: %(default)s)")
+    train.add_argument("--log-every", type=int, default=1, metavar="N",
+                       help="update the progress bar every N steps (default: %(default)s)")
+    train.add_argument("--sample", type=int, metavar="BYTES",
+                       help="generate this many bytes at the end; 0: none (default: 200, at "
+                            "most block_size - 1)")
+    train.set_defaults(handler=_train, parser=train)
     return parser
 
 

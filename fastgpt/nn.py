@@ -92,6 +92,15 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of rows ``start:stop`` as views: writes through it (k, v, and advancing
+        ``seqlens`` in place) land in this cache. For prompts of different lengths, each
+        prefilled on its own rows."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        view.seqlens = self.seqlens[start:stop]
+        return view
+
 
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` with the activation (and an optional residual) fused into the GEMM.
@@ -136,7 +145,8 @@ class CausalSelfAttention(torch.nn.Module):
     ``forward(x, cache=None)``: without a cache, causal attention over x's T tokens. With a
     :class:`KVCache` (from :meth:`new_cache`), x holds each row's next T tokens: their k and v
     are written into the cache at each row's position, the queries attend over everything the
-    row holds, and ``cache.seqlens`` advances by T. ``backend`` (attribute) pins a backend.
+    row holds, and ``cache.seqlens`` advances by T (in place). ``backend`` (constructor
+    argument) pins a backend for the attention and both projections (:class:`Linear`).
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None,
@@ -155,15 +165,19 @@ class CausalSelfAttention(torch.nn.Module):
         self.dropout = dropout
         self.backend = backend
         factory = dict(device=device, dtype=dtype)
-        self.c_attn = torch.nn.Linear(n_embd, n_embd + 2 * n_kv_head * self.head_dim, bias=bias,
-                                      **factory)
-        self.c_proj = torch.nn.Linear(n_embd, n_embd, bias=bias, **factory)
+        self.c_attn = Linear(n_embd, n_embd + 2 * n_kv_head * self.head_dim, bias=bias,
+                             backend=backend, **factory)
+        self.c_proj = Linear(n_embd, n_embd, bias=bias, backend=backend, **factory)
         self.resid_dropout = torch.nn.Dropout(dropout)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache for `batch` rows of up to `max_len` tokens, in the weights' dtype."""
+        """An empty cache for `batch` rows of up to `max_len` tokens, in the dtype k and v will
+        have: torch.autocast's where it is on for the weights' device, else the weights'."""
         w = self.c_attn.weight
-        return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype=w.dtype,
+        dtype = w.dtype
+        if torch.is_autocast_enabled(w.device.type):
+            dtype = torch.get_autocast_dtype(w.device.type)
+        return KVCache(batch, self.n_kv_head, max_len, self.head_dim, dtype=dtype,
                        device=w.device)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:

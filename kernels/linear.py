@@ -1,9 +1,9 @@
 """GEMM with a fused epilogue in Triton: y = act(a @ b + bias) + residual, and its backward.
 
 One kernel, `_gemm_kernel`, serves fastgpt.linear (a = x, b = weight^T, read through strides:
-nothing is transposed in memory) and fastgpt.matmul (2-D and batched 3-D). Each program owns a
-BLOCK_M x BLOCK_N tile of the output and walks K in steps of BLOCK_K with an fp32 accumulator;
-the epilogue runs on that accumulator in registers before the one store:
+nothing is transposed in memory) and fastgpt.matmul (2-D and batched 3-D). A BLOCK_M x BLOCK_N
+tile of the output is computed by walking K in steps of BLOCK_K with an fp32 accumulator; the
+epilogue runs on that accumulator in registers before the one store:
 
     z = acc + bias                 (bias per output column; float32 or the input dtype)
     pre = z                        (stored only when the backward needs it)
@@ -16,10 +16,19 @@ projection, so for nn.Linear's layout the weight is (2N, K) with the gate rows f
 concatenation [gate_proj; up_proj] of a Llama MLP). A program computes the gate and up tiles of
 the same output columns, so the activation never leaves registers.
 
-Two launch forms share that tile code (`_gemm_tile`): one program per output tile
-(`_gemm_kernel`), and a persistent kernel (`_gemm_persistent_kernel`) with one program per SM
-that walks the tiles in steps of the program count, chosen when the output is more than a wave
-of tiles.
+Launch forms, constexprs of the one kernel (one argument list; `_gemm_tile` is the tile code
+they share):
+- PERSISTENT: one program per SM walks the tiles in steps of the program count (chosen when the
+  output is more than a wave of tiles); else one program per output tile.
+- TMA: A and B tiles come through Hopper's tensor memory accelerator (descriptors built by the
+  launcher; the comment at the TensorDescriptor import says why host-side) instead of masked
+  pointer loads; chosen on devices of compute capability >= 9.0 when this triton has
+  descriptors, the dot runs on tensor cores (16-bit or tf32) and the operands qualify
+  (`_tma_layout`: unit last stride, 16-byte aligned base and rows). b is described as
+  b^T, (Nb, K) rows, when its K stride is 1 (nn.Linear's weight: the forward), or as itself,
+  (K, Nb) rows, when its column stride is 1 (row-major b: torch.matmul, the backward's dx).
+  Only the K loop differs (`_dot_descriptors` vs `_dot_pointers`); the epilogue and its masked
+  stores are the same code (`_epilogue`). Batched launches (batch > 1) keep the pointer path.
 
 Tile order: programs are numbered along groups of GROUP_M tile rows (Triton tutorial 03's
 "grouped ordering"): consecutive programs share the same few A row blocks and sweep B's column
@@ -32,16 +41,30 @@ else exact fp32 products ("ieee").
 Backward (fastgpt/linear.py's autograd): `_act_bwd_kernel` turns dy and the saved pre-activation
 into dz = dy * act'(pre) (gated: dg = dy * u * act'(g), du = dy * act(g)) and per-program
 column partial sums for dbias in one pass; then dx = dz @ W and dW = dz^T @ x are two more calls
-of `_gemm_kernel` with no epilogue. The pre-activation is saved, not recomputed: it costs M x N
-of memory (what eager PyTorch's F.linear + activation saves too) and saves a third GEMM.
+of `_gemm_kernel` with no epilogue (dW's a = dz^T has a unit row stride, not a unit K stride: the
+pointer path). The pre-activation is saved, not recomputed: it costs M x N of memory (what eager
+PyTorch's F.linear + activation saves too) and saves a third GEMM.
 """
 
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .utils import interpreting, launch, on_device, sm_count
+
+# Host-side TMA descriptors (triton >= 3.3; None where this triton lacks them: the pointer path
+# then serves every launch). Host-side rather than tl.make_tensor_descriptor in the kernel: a
+# device-side descriptor needs a global-memory scratch allocator installed with
+# triton.set_allocator, process-wide state a library must not set behind its caller's back;
+# a host descriptor is built by the launcher from the tensor, costs no scratch memory, and its
+# block shape is set per autotune config by a pre_hook (`_set_tma_blocks`).
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # Element types of a, b (and of y, residual, pre and every gradient).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,8 +92,9 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16
 # most 8192 outputs per 8 warps or 4096 per 4 warps (ptxas, sm_90a, triton 3.9: 128 x 128 with
 # 8 warps spilled 72 bytes, 128 x 64 with 4 warps 56). fp32 (tf32 or exact) halves BLOCK_K for
 # the same shared memory. Every row compiles for sm_90a without spills and within shared memory
-# (tests/test_triton_sm90.py), so the autotuner only chooses between configs that can run at
-# full speed.
+# with every epilogue (tests/test_triton_sm90.py), so the autotuner only chooses between
+# configs that can run at full speed. The heavier epilogues of gelu (erf) and silu take fewer
+# outputs per warp (`_HEAVY_EPILOGUE_OUTPUTS_PER_WARP`).
 _CONFIG_TABLE = {
     (2, False): ((128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4),
                  (128, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
@@ -83,9 +107,9 @@ _CONFIG_TABLE = {
 }
 
 
-def _config(m, n, k, group, warps, stages):
+def _config(m, n, k, group, warps, stages, pre_hook=None):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages)
+                         num_warps=warps, num_stages=stages, pre_hook=pre_hook)
 
 
 def _configs():
@@ -94,23 +118,45 @@ def _configs():
     return [_config(*c) for c in dict.fromkeys(c for row in rows for c in row)]
 
 
-def _configs_for(element_size, gated):
+# Activations whose epilogue holds more live values per output than the others (erf's and
+# exp's polynomials beside the accumulator), and the most outputs per warp their tiles keep:
+# with 4096 per warp they spilled 32-112 bytes (sm_90a, triton 3.9: 16-bit 128 x 256 with 8
+# warps; gelu also 256 x 128 with 8 and 128 x 128 with 4), and the persistent kernel's gelu 44-84
+# at 2048 per warp, pointer and TMA paths alike.
+_HEAVY_EPILOGUE = (ACTIVATIONS["gelu"], ACTIVATIONS["silu"])
+_HEAVY_EPILOGUE_OUTPUTS_PER_WARP = {False: 2048, True: 1024}  # by persistent
+
+
+def _configs_for(element_size, gated, persistent=False, tma=False, act="none"):
     """The configs the autotuner tries for one launch: the one place that picks tiles, warps
-    and pipeline stages for the GEMM."""
-    return [_config(*c) for c in _CONFIG_TABLE[(2 if element_size <= 2 else 4, gated)]]
+    and pipeline stages for the GEMM.
+
+    The persistent kernel takes the table's row less the configs with over 2048 outputs per
+    warp, whose accumulators plus the tile loop's state spill there (sm_90a, triton 3.9: 128 x
+    256 with 8 warps 164 bytes, 128 x 128 with 4 warps 160, where the per-tile kernel spills
+    none). TMA launches take the same configs as the pointer path (none spilled more there;
+    tests/test_triton_sm90.py), each with the pre_hook that gives the descriptors its tiles.
+    gelu and silu keep the tiles of at most `_HEAVY_EPILOGUE_OUTPUTS_PER_WARP`."""
+    row = _CONFIG_TABLE[(2 if element_size <= 2 else 4, gated)]
+    if persistent:
+        row = [c for c in row if c[0] * c[1] <= 2048 * c[4]]
+    if ACTIVATIONS[act] in _HEAVY_EPILOGUE:
+        row = [c for c in row if c[0] * c[1] <= _HEAVY_EPILOGUE_OUTPUTS_PER_WARP[persistent] * c[4]]
+    return [_config(*c, pre_hook=_set_tma_blocks if tma else None) for c in row]
 
 
 def _prune(configs, named_args, **kwargs):
-    return _configs_for(named_args["A"].element_size(), kwargs["ACT"] >= ACTIVATIONS["swiglu"])
+    act = next(name for name, value in ACTIVATIONS.items() if value == kwargs["ACT"])
+    return _configs_for(named_args["C"].element_size(), kwargs["ACT"] >= ACTIVATIONS["swiglu"],
+                        kwargs["PERSISTENT"], kwargs["TMA"], act)
 
 
-def _prune_persistent(configs, named_args, **kwargs):
-    """The persistent kernel's configs: the table's, less those with over 2048 outputs per warp,
-    whose accumulators plus the tile loop's state spill there (sm_90a, triton 3.9: 128 x 256
-    with 8 warps 164 bytes, 128 x 128 with 4 warps 160, where the per-tile kernel spills
-    none)."""
-    return [c for c in _prune(configs, named_args, **kwargs)
-            if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 2048 * c.num_warps]
+def _set_tma_blocks(nargs):
+    """A TMA config's pre_hook: the descriptors' block shapes are the config's tiles (the block
+    shape is part of a descriptor's type, so each config compiles against its own)."""
+    block_m, block_n, block_k = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["A"].block_shape = [block_m, block_k]
+    nargs["B"].block_shape = [block_n, block_k] if nargs["B_NK"] else [block_k, block_n]
 
 
 def _bucket(n):
@@ -182,16 +228,13 @@ def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
-def _gemm_tile(
-    A, B, C, Bias, Res, Pre, M, N, K,
-    stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn, stride_cb, stride_cm,
-    stride_rm, stride_pb, stride_pm,
-    tile_m, tile_n, batch,    # the output tile and the batch (int64) this call computes
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _dot_pointers(
+    A, B, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+    tile_m, tile_n, batch, GATED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One output tile: the K loop into fp32 accumulators, then the epilogue and the store."""
-    GATED: tl.constexpr = ACT >= 5
+    """The K loop of one tile through pointers and masks: (acc, acc_up), fp32 accumulators of
+    the output (gated: the gate) and, gated, of the up projection."""
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -214,8 +257,46 @@ def _gemm_tile(
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    return acc, acc_up
 
-    # The epilogue, on the accumulators in registers.
+
+@triton.jit
+def _dot_descriptors(
+    A, B, N, K, tile_m, tile_n, GATED: tl.constexpr, B_NK: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The K loop of one tile through TMA descriptors, as `_dot_pointers` returns it. TMA fills
+    what lies outside a described matrix with zeros, so no masks: rows past M and columns past
+    N are never stored, K past K adds 0 * 0. A gate tile whose columns cross N reads the first up
+    columns there; the store drops them too."""
+    off_m = tile_m * BLOCK_M
+    off_n = tile_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = A.load([off_m, k0])
+        # B_NK: B describes b^T, (Nb, K) rows (nn.Linear's weight), tiles (BLOCK_N, BLOCK_K).
+        b = B.load([off_n, k0]).T if B_NK else B.load([k0, off_n])
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            b_up = B.load([N + off_n, k0]).T if B_NK else B.load([k0, N + off_n])
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+    return acc, acc_up
+
+
+@triton.jit
+def _epilogue(
+    acc, acc_up, C, Bias, Res, Pre, M, N, stride_cb, stride_cm, stride_rm, stride_pb, stride_pm,
+    tile_m, tile_n, batch, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Bias, the saved pre-activation, the activation and the residual on the accumulators in
+    registers, then the one masked store of the tile."""
+    GATED: tl.constexpr = ACT >= 5
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -240,18 +321,43 @@ def _gemm_tile(
     tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemm_tile(
+    A, B, C, Bias, Res, Pre, M, N, K,
+    stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn, stride_cb, stride_cm,
+    stride_rm, stride_pb, stride_pm,
+    tile_m, tile_n, batch,    # the output tile and the batch (int64) this call computes
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+    TMA: tl.constexpr, B_NK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One output tile: the K loop into fp32 accumulators, then the epilogue and the store."""
+    if TMA:
+        acc, acc_up = _dot_descriptors(A, B, N, K, tile_m, tile_n, ACT >= 5, B_NK, PRECISION,
+                                       BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc, acc_up = _dot_pointers(A, B, M, N, K, stride_ab, stride_am, stride_ak, stride_bb,
+                                    stride_bk, stride_bn, tile_m, tile_n, batch, ACT >= 5,
+                                    PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    _epilogue(acc, acc_up, C, Bias, Res, Pre, M, N, stride_cb, stride_cm, stride_rm, stride_pb,
+              stride_pm, tile_m, tile_n, batch, ACT, HAS_BIAS, HAS_RES, SAVE_PRE, BLOCK_M,
+              BLOCK_N)
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "ACT"]
+
+# The autotune key: M's size class, the sizes, and the constexprs that change the configs
+# (ACT, PERSISTENT, TMA) or how tiles are loaded (B_NK).
+_GEMM_KEY = ["M_BUCKET", "N", "K", "ACT", "PERSISTENT", "TMA", "B_NK"]
 
 
 @triton.autotune(configs=_configs(), key=_GEMM_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemm_kernel(
-    A, B, C,                  # a (batch, M, K), b (batch, K, N or 2N gated), c (batch, M, N)
+    A, B, C,                  # a (batch, M, K), b (batch, K, N or 2N gated), c (batch, M, N);
+                              # TMA: A and B are descriptors of a[0] and b[0] (or b[0]^T)
     Bias, Res, Pre,           # bias (N or 2N,), residual (M, N), pre (batch, M, N or 2N) or dummies
     M, N, K,
     M_BUCKET,                 # M rounded up to a power of 2 (the autotune key)
-    stride_ab, stride_am, stride_ak,
+    stride_ab, stride_am, stride_ak,    # a and b: the pointer path only
     stride_bb, stride_bk, stride_bn,
     stride_cb, stride_cm,     # c and pre: unit column stride
     stride_rm,                # residual rows (unit column stride)
@@ -260,48 +366,31 @@ def _gemm_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     SAVE_PRE: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # programs walk the tiles (grid: programs, batch); else one
+                               # program per tile (grid: tiles, batch)
+    TMA: tl.constexpr,        # A and B are TMA descriptors (one batch), else pointers
+    B_NK: tl.constexpr,       # TMA: B describes b^T, (Nb, K) rows; else b, (K, Nb) rows
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One program per output tile (grid: tiles, batch)."""
-    tile_m, tile_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    _gemm_tile(A, B, C, Bias, Res, Pre, M, N, K, stride_ab, stride_am, stride_ak, stride_bb,
-               stride_bk, stride_bn, stride_cb, stride_cm, stride_rm, stride_pb, stride_pm,
-               tile_m, tile_n, tl.program_id(1).to(tl.int64), ACT, HAS_BIAS, HAS_RES, SAVE_PRE,
-               PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-
-
-@triton.autotune(configs=_configs(), key=_GEMM_KEY,
-                 prune_configs_by={"early_config_prune": _prune_persistent})
-@triton.jit(do_not_specialize=["M_BUCKET"])
-def _gemm_persistent_kernel(
-    A, B, C,                  # a (batch, M, K), b (batch, K, N or 2N gated), c (batch, M, N)
-    Bias, Res, Pre,           # bias (N or 2N,), residual (M, N), pre (batch, M, N or 2N) or dummies
-    M, N, K,
-    M_BUCKET,                 # M rounded up to a power of 2 (the autotune key)
-    stride_ab, stride_am, stride_ak,
-    stride_bb, stride_bk, stride_bn,
-    stride_cb, stride_cm,     # c and pre: unit column stride
-    stride_rm,                # residual rows (unit column stride)
-    stride_pb, stride_pm,
-    ACT: tl.constexpr,        # ACTIVATIONS value
-    HAS_BIAS: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    SAVE_PRE: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """Persistent: as many programs as SMs (grid: programs, batch), each walking the tiles
-    pid, pid + programs, ... in grouped order, so the GPU holds one wave that never drains into
-    a half-empty tail, and a program's next tile reuses what its group left in L2."""
-    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     batch = tl.program_id(1).to(tl.int64)
-    for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        tile_m, tile_n = _tile_of(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if PERSISTENT:
+        # As many programs as SMs, each walking the tiles pid, pid + programs, ... in grouped
+        # order, so the GPU holds one wave that never drains into a half-empty tail, and a
+        # program's next tile reuses what its group left in L2.
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
+            tile_m, tile_n = _tile_of(t, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _gemm_tile(A, B, C, Bias, Res, Pre, M, N, K, stride_ab, stride_am, stride_ak,
+                       stride_bb, stride_bk, stride_bn, stride_cb, stride_cm, stride_rm,
+                       stride_pb, stride_pm, tile_m, tile_n, batch, ACT, HAS_BIAS, HAS_RES,
+                       SAVE_PRE, TMA, B_NK, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        tile_m, tile_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _gemm_tile(A, B, C, Bias, Res, Pre, M, N, K, stride_ab, stride_am, stride_ak, stride_bb,
                    stride_bk, stride_bn, stride_cb, stride_cm, stride_rm, stride_pb, stride_pm,
-                   tile_m, tile_n, batch, ACT, HAS_BIAS, HAS_RES, SAVE_PRE, PRECISION, BLOCK_M,
-                   BLOCK_N, BLOCK_K)
+                   tile_m, tile_n, batch, ACT, HAS_BIAS, HAS_RES, SAVE_PRE, TMA, B_NK,
+                   PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -377,7 +466,50 @@ def _persistent_programs(device, tiles_128):
     return programs if tiles_128 > programs else None
 
 
-def gemm(a, b, act="none", bias=None, residual=None, save_pre=False, persistent=None):
+# TMA's alignment, in bytes, of a described matrix's base address and row stride.
+_TMA_ALIGN = 16
+
+
+def _tma_layout(capability, element_size, a_ptr, a_strides, b_ptr, b_strides, n, gated):
+    """How a TMA launch describes b, or None where the operands keep the pointer path.
+
+    Args:
+        capability: (major, minor) of the CUDA device, or None off CUDA.
+        element_size: bytes per element of a and b.
+        a_ptr, a_strides: a's address and (M, K) strides; b_ptr, b_strides: b's address and
+            (K, Nb) strides.
+        n: output columns (N), gated: b holds 2N columns (the up tile starts at column N).
+
+    Returns:
+        "nk": b^T is described, (Nb, K) with unit K stride: nn.Linear's weight for b = weight^T,
+        the forward's layout. "kn": b itself, (K, Nb) with unit column stride: torch.matmul's
+        row-major b and the backward's dx = dz @ weight. None: no TMA (before Hopper, without
+        host descriptors in this triton, or a layout TMA cannot describe: a unit stride missing,
+        a base address or row stride off 16 bytes).
+    """
+    if TensorDescriptor is None or capability is None or tuple(capability) < (9, 0):
+        return None
+
+    def aligned(elements):
+        return elements * element_size % _TMA_ALIGN == 0
+
+    if a_ptr % _TMA_ALIGN or b_ptr % _TMA_ALIGN or a_strides[1] != 1 or not aligned(a_strides[0]):
+        return None
+    stride_bk, stride_bn = b_strides
+    if stride_bk == 1 and aligned(stride_bn):
+        return "nk"
+    # A column offset of a descriptor tile must be 16-byte aligned too (the up tile's is N).
+    if stride_bn == 1 and aligned(stride_bk) and (not gated or aligned(n)):
+        return "kn"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index):
+    return torch.cuda.get_device_capability(device_index)
+
+
+def gemm(a, b, act="none", bias=None, residual=None, save_pre=False, persistent=None, tma=None):
     """y = act(a @ b + bias) + residual, and the pre-activation when `save_pre`.
 
     Args:
@@ -392,6 +524,10 @@ def gemm(a, b, act="none", bias=None, residual=None, save_pre=False, persistent=
             backward; only meaningful with an activation).
         persistent: None (the automatic choice, `_persistent_programs`), or True / False to
             force the persistent kernel or the one-program-per-tile one.
+        tma: None (the automatic choice: TMA descriptors on a GPU of compute capability 9.0 or
+            newer where `_tma_layout` accepts the operands and there is one batch), True to
+            force them (asserting that the operands qualify; also under the interpreter), or
+            False for the pointer path.
 
     Returns:
         (y, pre): y (..., M, N) contiguous in a's dtype; pre as above, or None.
@@ -428,12 +564,35 @@ def gemm(a, b, act="none", bias=None, residual=None, save_pre=False, persistent=
         programs = sm_count(a.device.index) if a.device.type == "cuda" else _INTERPRETER_PROGRAMS
     else:
         programs = None
-    kernel = _gemm_kernel if programs is None else _gemm_persistent_kernel
+
+    # TMA: one batch (batched operands keep the pointer path: a 2-D descriptor per batch would
+    # not fit one launch), K > 0 (a descriptor's dims are positive). The automatic choice also
+    # leaves exact fp32 products (FMA dots, no tensor cores to feed) on the pointer path: with
+    # TMA tiles they spilled 104-2148 bytes (sm_90a, triton 3.9), with pointer loads none.
+    precision = _precision(a)
+    layout = None
+    exact_fp32 = a.dtype == torch.float32 and precision == "ieee"
+    if tma or (tma is None and not exact_fp32 and a.device.type == "cuda"):
+        if batch == 1 and K > 0:
+            capability = (9, 0) if tma else _capability(a.device.index)
+            layout = _tma_layout(capability, a.element_size(), a3.data_ptr(), a3.stride()[1:],
+                                 b3.data_ptr(), b3.stride()[1:], N, act in GATED)
+    assert not tma or layout is not None, (
+        f"tma=True: the operands do not qualify (a strides {tuple(a.stride())}, b strides "
+        f"{tuple(b.stride())}, batch {batch}; TMA needs one batch, unit last strides and 16-byte "
+        f"aligned addresses and rows)")
+    if layout is None:
+        a_arg, b_arg = a3, b3
+    else:
+        # Placeholder block shapes: each config's pre_hook sets its own (`_set_tma_blocks`).
+        a_arg = TensorDescriptor(a3[0], [M, K], [a3.stride(1), 1], [1, 1])
+        b2 = b3[0].t() if layout == "nk" else b3[0]
+        b_arg = TensorDescriptor(b2, list(b2.shape), [b2.stride(0), 1], [1, 1])
 
     def grid(meta):
         return (tiles(meta) if programs is None else min(programs, tiles(meta)), batch)
 
-    args = (a3, b3, y, bias if bias is not None else dummy,
+    args = (a_arg, b_arg, y, bias if bias is not None else dummy,
             residual if residual is not None else dummy, pre if save_pre else dummy,
             M, N, K, _bucket(M),
             a3.stride(0), a3.stride(1), a3.stride(2),
@@ -442,9 +601,13 @@ def gemm(a, b, act="none", bias=None, residual=None, save_pre=False, persistent=
             residual.stride(0) if residual is not None else 0,
             pre.stride(0) if save_pre else 0, pre.stride(1) if save_pre else 0)
     meta = dict(ACT=ACTIVATIONS[act], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                SAVE_PRE=save_pre, PRECISION=_precision(a))
+                SAVE_PRE=save_pre, PERSISTENT=programs is not None, TMA=layout is not None,
+                B_NK=layout == "nk", PRECISION=precision)
+    if layout is not None and interpreting():
+        # The interpreter launches its one config without the autotuner's pre_hooks.
+        _set_tma_blocks(dict(A=a_arg, B=b_arg, B_NK=meta["B_NK"], **_INTERPRETER_CONFIG.kwargs))
     with on_device(a):
-        launch(kernel, grid, *args, interpreter_config=_INTERPRETER_CONFIG, **meta)
+        launch(_gemm_kernel, grid, *args, interpreter_config=_INTERPRETER_CONFIG, **meta)
     if not batched:
         return y[0], (pre[0] if save_pre else None)
     return y, pre

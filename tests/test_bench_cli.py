@@ -23,10 +23,11 @@ def test_bench_quick_writes_checked_results(tmp_path):
     proc = _fastgpt("bench", "--quick", "--no-compile", "--device", "cpu", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.json"))
-    assert files == ["attention", "decode", "layernorm", "linear", "matmul", "rmsnorm"]
+    assert files == ["attention", "decode", "layernorm", "linear", "matmul", "model", "rmsnorm"]
     variants = {"attention": {"fwd-causal", "bwd-causal", "fwd+bwd-causal"}, "decode": {"decode"},
                 "linear": {"gelu_tanh", "swiglu", "mlp-fwd+bwd"}, "matmul": set(),
-                "layernorm": {"fwd", "fwd+grad", "fwd+residual", "bwd", "bwd+residual"}}
+                "layernorm": {"fwd", "fwd+grad", "fwd+residual", "bwd", "bwd+residual"},
+                "model": {"train-tiny", "prefill-tiny", "decode-tiny"}}
     variants["rmsnorm"] = variants["layernorm"]
     for path in tmp_path.glob("*.json"):
         result = json.loads(path.read_text())
@@ -40,7 +41,9 @@ def test_bench_quick_writes_checked_results(tmp_path):
                   and r["status"] != "unsupported"]
         assert {r["variant"] for r in native} == variants[result["case"]]
         for row in native:
-            assert row["status"] == "ok" and row["ms"] > 0 and row["bytes"] > 0, row
+            # the work is stated: bytes, or FLOPs where they alone bound it (a training step)
+            assert row["status"] == "ok" and row["ms"] > 0, row
+            assert row["bytes"] > 0 or (row["flops"] > 0 and row["pct_gemm"] > 0), row
             assert row["speedup"]["torch.eager"] > 0, row
         md = path.with_suffix(".md").read_text()
         assert "heap: default" in md and "first touch (" not in md
@@ -220,9 +223,64 @@ def test_bench_linear_rows_and_work():
         case.problems("cpu", None, quick=False, shapes=[(8, 16)])
 
 
+def test_bench_model_rows_and_work():
+    from fastgpt.bench import CASES
+    from fastgpt.bench.model import model_problem
+    from fastgpt.model import GPT, GPTConfig
+
+    case = CASES["model"]
+    plan = {(p.variant, p.shape) for p in case.problems("cpu", None, quick=False)}
+    assert plan == {("train-small", (8, 256)), ("prefill-small", (8, 256)),
+                    ("decode-gpt2", (1, 1, 8))}
+    train, prefill = case.problems("cpu", None, quick=False, shapes=[(2, 16)])
+    assert (train.variant, prefill.variant) == ("train-small", "prefill-small")
+    assert train.tokens == prefill.tokens == 32 and train.bytes == prefill.bytes == 0
+    assert train.flops > 3 * prefill.flops > 0  # backward 2x the GEMMs, 2.5x the attention
+    config = GPTConfig.from_preset("tiny")
+    with torch.device("meta"):
+        weights = GPT(config).num_parameters() - config.block_size * config.n_embd
+    (decode,) = case.problems("cpu", None, quick=True, shapes=[(2, 3, 4)])
+    # weights once per pass (the prompt's, then 3 one-token passes); K and V of 3, 4, 5, 6 tokens
+    cache = 2 * config.n_layer * 2 * (3 + 4 + 5 + 6) * config.n_embd
+    assert decode.bytes == (4 * weights + cache) * 4 and decode.tokens == 2 * 4
+    with pytest.raises(ValueError, match="block_size"):
+        case.problems("cpu", None, quick=False, shapes=[(1, 257)])
+    with pytest.raises(ValueError, match="BxPxN"):
+        case.problems("cpu", None, quick=False, shapes=[(1, 2, 3, 4)])
+
+    names = [c.name for c in case.contenders(decode, "cpu", compile=True)]
+    assert names[:2] == ["torch.eager", "torch.compile"]
+    assert {"fastgpt.native", "fastgpt.native+compile"} <= set(names)
+
+    # The decode check passes eager's own tokens and fails a token that is not the best one.
+    workload = case.workload(decode, "cpu")
+    contenders = case.contenders(decode, "cpu", compile=False)
+    native = next(c for c in contenders if c.name == "fastgpt.native")
+    eager = workload.runner(contenders[0].fn)()
+    reference = workload.upcast(torch.float64).runner(contenders[0].fn)()
+    assert reference.shape == eager.shape == (2, 7)
+    assert native.check(workload.runner(native.fn)(), eager, reference) is None
+    assert native.check(eager, eager, reference) is None
+    wrong = eager.clone()
+    wrong[1, -1] = (wrong[1, -1] + 1) % config.vocab_size
+    assert "below the float64 model's best logit" in native.check(wrong, eager, reference)
+    wrong = eager.clone()
+    wrong[0, 0] = (wrong[0, 0] + 1) % config.vocab_size
+    assert "prompt" in native.check(wrong, eager, reference)
+
+    # The training step: every contender starts from the same weights (the same first loss)
+    # and steps its own copy (the second loss is another).
+    train = model_problem("train", "tiny", (2, 16), torch.float32)
+    workload = case.workload(train, "cpu")
+    runs = [workload.runner(c.fn) for c in case.contenders(train, "cpu", compile=False)]
+    first = [run()[0] for run in runs]
+    assert all(torch.allclose(loss, first[0], rtol=1e-5) for loss in first), first
+    assert not torch.allclose(runs[0]()[0], first[0], rtol=1e-5)
+
+
 def test_profile_attention_end_to_end(tmp_path):
     out = tmp_path / "p.json"
-    proc = _fastgpt("profile", "attention", "--seq-lens", "64,200", "--heads", "2",
+    proc = _fastgpt("profile", "attention", "--seq-lens", "64,512", "--heads", "2",
                     "--head-dim", "16", "--causal", "--backward", "--device", "cpu",
                     "--json", str(out), "--plot", str(tmp_path / "p.png"),
                     "--trace", str(tmp_path / "traces"))
@@ -231,15 +289,16 @@ def test_profile_attention_end_to_end(tmp_path):
     names = result["contenders"]
     assert names[:2] == ["eager", "sdpa"] and "fastgpt.native" in names
     points = {(p["contender"], p["seq_len"]): p for p in result["points"]}
-    assert set(points) == {(n, t) for n in names for t in (64, 200)}
+    assert set(points) == {(n, t) for n in names for t in (64, 512)}
     for p in points.values():
         assert p["status"] == "ok" and p["ms"] > 0 and p["peak_mib"] is not None, p
-    # eager's T x T matrices (B=1, H=2, fp32, with the backward's) show in its peak
-    assert points[("eager", 200)]["peak_mib"] > points[("eager", 64)]["peak_mib"]
-    assert "T=200: sdpa:" in proc.stdout and "x eager" in proc.stdout
+    # eager's T x T matrices (B=1, H=2, fp32, with the backward's: ~8 MiB at T=512) show in its
+    # peak; at T=200 (~1 MiB) the resident-set peak sometimes stayed below the worker's zero
+    assert points[("eager", 512)]["peak_mib"] > points[("eager", 64)]["peak_mib"]
+    assert "T=512: sdpa:" in proc.stdout and "x eager" in proc.stdout
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     traces = sorted(p.name for p in (tmp_path / "traces").iterdir())
-    assert "attention-fastgpt.native-T200.json" in traces and len(traces) == 2 * len(names)
+    assert "attention-fastgpt.native-T512.json" in traces and len(traces) == 2 * len(names)
     assert "6/6" in proc.stderr or f"{2 * len(names)}/{2 * len(names)}" in proc.stderr
 
 

@@ -94,6 +94,19 @@ def test_sizes(backend, device, m, n, k):
     check_linear(backend, device, x, w, b, r, dy, "gelu", f"{backend}-{device}-{m}x{n}x{k}")
 
 
+@pytest.mark.parametrize("m", [2, 3, 4, 5])
+def test_native_cpu_decode_rows(m):
+    """A few rows of x (decoding) take the CPU's own GEMV-like product up to 4 rows, ATen's
+    GEMM from 5; both within the rule, strided weight rows and a transposed x included."""
+    x, w, b, r, dy = make_inputs((m,), 37, 41, "gelu_tanh", torch.float32, "cpu", seed=m)
+    check_linear("native", "cpu", x, w, b, r, dy, "gelu_tanh", f"native-cpu-{m}-rows")
+    wide = torch.randn(37, 50)[:, 3:44]  # rows 50 apart
+    xt = torch.randn(41, m).t()  # unit row stride: ATen's path
+    for x_ in (x, xt):
+        check_linear("native", "cpu", x_, wide, b, r, dy, "gelu_tanh",
+                     f"native-cpu-{m}-rows-strided")
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activations_every_dtype(backend, device, activation):
@@ -187,6 +200,104 @@ def test_triton_persistent_gemm(activation):
     ref = _eager_linear(*(t.double() for t in (x, w, b)), activation, r.double())
     assert_close_rule(f"persistent-{act}", got.cpu(), want.cpu(), ref.cpu(),
                       atol=CHECK_TOLERANCE[dtype])
+
+
+# The TMA path runs under the interpreter too (triton 3.9's interpreter takes host-side
+# TensorDescriptor arguments and loads their tiles with zero fill past the matrix), so it is
+# forced there and checked like the pointer path; on a GPU it is compiled for real. Sizes:
+# M and N odd (the descriptors' zero fill and the masked store cover the tails), K crossing
+# block tails but keeping 16-byte rows (a multiple of 4 fp32 or 8 fp16 elements); a row-major
+# b ("kn") keeps 16-byte rows of Nb, and gated, an up tile starting on 16 bytes (N too).
+TMA_CASES = [
+    pytest.param(layout, dtype, activation, persistent,
+                 id=f"{layout}-{str(dtype)[6:]}-{activation}{'-persistent' if persistent else ''}")
+    for layout, dtype, activation, persistent in (
+        ("nk", torch.float16, None, False), ("nk", torch.float32, "gelu_tanh", False),
+        ("nk", torch.float16, "swiglu", False), ("nk", torch.float32, "geglu", True),
+        ("nk", torch.float16, "silu", True), ("kn", torch.float16, None, False),
+        ("kn", torch.float32, "swiglu", False), ("kn", torch.float16, "relu", True))
+]
+
+
+@pytest.mark.parametrize("layout,dtype,activation,persistent", TMA_CASES)
+def test_triton_tma_gemm(layout, dtype, activation, persistent):
+    """The TMA descriptor path, forced (chosen automatically only on a GPU of compute
+    capability >= 9.0), with bias, residual and the saved pre-activation, against float64; b
+    as fastgpt.linear passes it (weight^T, "nk") and row-major ("kn", torch.matmul's b)."""
+    from fastgpt.kernels import linear as kernels
+
+    if HAS_CUDA and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs compute capability 9.0")
+    device = "cuda" if HAS_CUDA else "cpu"
+    n, k = (45, 40) if layout == "nk" else (24, 40)
+    x, w, b, r, _ = make_inputs((37,), n, k, activation, dtype, device)
+    weight_t = w.t() if layout == "nk" else w.t().contiguous()
+    act = activation or "none"
+    got = kernels.gemm(x, weight_t, act, bias=b, residual=r, save_pre=activation is not None,
+                       persistent=persistent, tma=True)
+    z = F.linear(x, w, b)
+    want = (_eager_linear(x, w, b, activation, r), z if activation else None)
+    ref_z = F.linear(*(t.double() for t in (x, w, b)))
+    ref = (_eager_linear(*(t.double() for t in (x, w, b)), activation, r.double()),
+           ref_z if activation else None)
+    assert_close_rule(f"tma-{layout}-{act}", tuple(t.cpu() if t is not None else None for t in got),
+                      tuple(t.cpu() if t is not None else None for t in want),
+                      tuple(t.cpu() if t is not None else None for t in ref),
+                      atol=CHECK_TOLERANCE[dtype])
+
+
+def _tma_layout_of(a, b, gated=False, capability=(9, 0)):
+    """kernels.linear._tma_layout for tensors a (M, K) and b (K, Nb)."""
+    from fastgpt.kernels import linear as kernels
+
+    n = b.shape[1] // 2 if gated else b.shape[1]
+    return kernels._tma_layout(capability, a.element_size(), a.data_ptr(), a.stride(),
+                               b.data_ptr(), b.stride(), n, gated)
+
+
+def test_triton_tma_choice():
+    """TMA where the device, the installed triton and the operands allow it; the pointer path for
+    every layout a descriptor cannot describe."""
+    from fastgpt.kernels import linear as kernels
+
+    x, w = torch.randn(33, 64, dtype=torch.float16), torch.randn(48, 64, dtype=torch.float16)
+    assert _tma_layout_of(x, w.t()) == "nk"  # nn.Linear: b = weight^T
+    assert _tma_layout_of(x, w.t().contiguous()) == "kn"  # row-major b
+    assert _tma_layout_of(x, w.t(), gated=True) == "nk"
+    assert _tma_layout_of(x, w.t(), capability=(10, 0)) == "nk"  # and after Hopper
+    # Before Hopper, and off CUDA: no TMA.
+    assert _tma_layout_of(x, w.t(), capability=(8, 9)) is None
+    assert _tma_layout_of(x, w.t(), capability=None) is None
+    # Rows off 16 bytes: K = 60 fp16 elements is 120 bytes (fp32: 240, aligned).
+    x60, w60 = x[:, :60], w[:, :60]
+    assert _tma_layout_of(x60.contiguous(), w.t()[:60]) is None  # a's rows
+    assert _tma_layout_of(x, w60.contiguous().t()) is None  # weight rows of 120 bytes
+    assert _tma_layout_of(x60.float().contiguous(), w60.float().contiguous().t()) == "nk"
+    # A base address off 16 bytes (one element in), and no unit stride in a or in b.
+    assert _tma_layout_of(x.flatten()[1:1 + 32 * 64].view(32, 64), w.t()) is None
+    assert _tma_layout_of(x, w.flatten()[1:1 + 47 * 64].view(47, 64).t()) is None
+    assert _tma_layout_of(x.t().contiguous().t(), w.t()) is None  # column-major a
+    assert _tma_layout_of(x[:, ::2], w[:, ::2].t()) is None  # column stride 2
+    assert _tma_layout_of(x, torch.randn(64, 96, dtype=torch.float16)[:, ::2]) is None
+    # Row-major b, gated: the up tile starts at column N = 20 (40 bytes) in a 128-byte row.
+    b_kn = torch.randn(64, 64, dtype=torch.float16)[:, :40]
+    assert _tma_layout_of(x, b_kn, gated=True) is None and _tma_layout_of(x, b_kn) == "kn"
+    # A triton without host-side descriptors keeps the pointer path.
+    saved, kernels.TensorDescriptor = kernels.TensorDescriptor, None
+    try:
+        assert _tma_layout_of(x, w.t()) is None
+    finally:
+        kernels.TensorDescriptor = saved
+
+
+def test_triton_tma_forced_needs_qualifying_operands():
+    from fastgpt.kernels import linear as kernels
+
+    x, w = torch.randn(5, 12), torch.randn(6, 12)
+    with pytest.raises(AssertionError, match="do not qualify"):
+        kernels.gemm(x[:, :10].contiguous(), w[:, :10].t(), tma=True)  # rows of 40 bytes
+    with pytest.raises(AssertionError, match="do not qualify"):
+        kernels.gemm(x.expand(2, 5, 12), w.t(), tma=True)  # batched
 
 
 # --------------------------------------------------------------------------------- matmul

@@ -25,7 +25,7 @@ def names(plan):
 
 def test_fallback_is_the_cu130_wheel_list_from_8_0():
     plan = S["cuda_archs"]()
-    assert names(plan) == ["8.0", "8.6", "9.0", "9.0a", "10.0", "12.0+PTX"]
+    assert names(plan) == ["8.0", "8.6", "9.0a", "10.0", "12.0+PTX"]
     assert [str(a) for a in plan.dropped] == ["7.5"]
 
 
@@ -39,7 +39,7 @@ def test_torch_cuda_arch_list_is_honoured_with_spaces_or_semicolons():
 def test_installed_torch_list_is_used_without_torch_cuda_arch_list():
     built = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
     plan = S["cuda_archs"](None, "", built)
-    assert names(plan) == ["8.0", "8.6", "9.0", "9.0a", "10.0", "12.0+PTX"]
+    assert names(plan) == ["8.0", "8.6", "9.0a", "10.0", "12.0+PTX"]
     assert plan.source == "the installed torch"
 
 
@@ -60,15 +60,16 @@ def test_nothing_left_at_8_0_or_newer_is_an_error():
 
 def test_ptx_goes_to_the_newest_plain_architecture_only():
     plan = S["cuda_archs"](None, "9.0;8.0;12.0a;10.0", ())
-    assert names(plan) == ["8.0", "9.0", "9.0a", "10.0+PTX", "12.0a"]
+    assert names(plan) == ["8.0", "9.0a", "10.0+PTX", "12.0a"]
 
 
 def test_ptx_asked_for_in_the_list_is_kept():
     assert names(S["cuda_archs"](None, "8.0+PTX;8.6", ())) == ["8.0+PTX", "8.6+PTX"]
 
 
-def test_9_0a_only_beside_9_0():
-    assert "9.0a" in names(S["cuda_archs"](None, "8.0;9.0", ()))
+def test_9_0_becomes_9_0a_unless_it_carries_the_ptx():
+    assert names(S["cuda_archs"](None, "8.0;9.0;10.0", ())) == ["8.0", "9.0a", "10.0+PTX"]
+    assert names(S["cuda_archs"](None, "8.0;9.0", ())) == ["8.0", "9.0+PTX", "9.0a"]
     assert "9.0a" not in names(S["cuda_archs"](None, "8.0;8.9;10.0", ()))
     assert names(S["cuda_archs"](None, "9.0;9.0a", ())) == ["9.0+PTX", "9.0a"]
 

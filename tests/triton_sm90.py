@@ -15,7 +15,8 @@ run short; every config is still compiled at full strength in some other case).
 
 For each compiled kernel it prints one JSON line: the suite (op), the case, the kernel, the
 launch config, ptxas's register and spill counts (ptxas -v on the PTX, for sm_90a), the shared
-memory the kernel is compiled to use, and whether its PTX holds tensor-core instructions. It
+memory the kernel is compiled to use, whether its PTX holds tensor-core instructions (any,
+and Hopper's wgmma) and whether it loads through TMA (cp.async.bulk.tensor). It
 exits non-zero on the first error. tests/test_triton_sm90.py runs it and checks the output.
 """
 import argparse
@@ -200,32 +201,50 @@ def _kvcache_launch(case):
 # linear: kernels/linear.py
 # ----------------------------------------------------------------------------------------------
 
-# (op, dtype, activation, bias + residual + saved pre-activation, fp32 precision, configs).
+# (op, dtype, activation, bias + residual + saved pre-activation, fp32 precision, TMA, configs).
+# TMA: None for the pointer path (b row-major, (K, Nb)), or the TMA path forced with b laid out
+# as `linear._tma_layout` names it: "nk" b = weight^T (fastgpt.linear's forward), "kn" b
+# row-major (torch.matmul, the backward's dx).
 # Every config of every table row is compiled at full strength (16-bit and fp32: plain and the
-# gated two-accumulator variant; fp32 with tf32 and exact products); the other epilogue branches with their first
-# config; the persistent kernel with all its configs, plain and gated; the activation backward
-# for a plain, a gated and a bias-only call.
+# gated two-accumulator variant; fp32 with tf32 and exact products; 16-bit gelu and silu, whose
+# configs are pruned further); the other epilogue
+# branches with their first config; the persistent kernel with all its configs, plain and
+# gated; the TMA path with all configs per tile and persistent, plain and gated, for the
+# forward's layout and for the row-major b, 16-bit and tf32 (exact fp32 products never take it);
+# the activation backward for a plain, a gated and a bias-only call.
 LINEAR_CASES = (
-    ("gemm", "fp16", "none", False, None, "all"),
-    ("gemm", "fp16", "swiglu", True, None, "all"),
-    ("gemm", "bf16", "gelu_tanh", True, None, "first"),
-    ("gemm", "bf16", "geglu", False, None, "first"),
-    ("gemm", "fp32", "gelu", True, "tf32", "all"),
-    ("gemm", "fp32", "none", False, "ieee", "all"),
-    ("gemm", "fp32", "swiglu", False, "tf32", "all"),
-    ("gemm_persistent", "fp16", "gelu_tanh", True, None, "all"),
-    ("gemm_persistent", "bf16", "swiglu", False, None, "all"),
-    ("act_bwd", "bf16", "gelu_tanh", True, None, "all"),
-    ("act_bwd", "fp16", "swiglu", True, None, "all"),
-    ("act_bwd", "fp32", "none", True, None, "all"),
+    ("gemm", "fp16", "none", False, None, None, "all"),
+    ("gemm", "fp16", "swiglu", True, None, None, "all"),
+    ("gemm", "bf16", "gelu_tanh", True, None, None, "first"),
+    ("gemm", "bf16", "geglu", False, None, None, "first"),
+    ("gemm", "fp32", "gelu", True, "tf32", None, "all"),
+    ("gemm", "fp32", "none", False, "ieee", None, "all"),
+    ("gemm", "fp32", "swiglu", False, "tf32", None, "all"),
+    ("gemm", "fp16", "gelu", True, None, None, "all"),
+    ("gemm", "bf16", "silu", True, None, None, "all"),
+    ("gemm_persistent", "bf16", "gelu", True, None, None, "all"),
+    ("gemm_persistent", "fp16", "gelu_tanh", True, None, None, "all"),
+    ("gemm_persistent", "bf16", "swiglu", False, None, None, "all"),
+    ("gemm", "fp16", "none", False, None, "nk", "all"),
+    ("gemm", "fp16", "swiglu", True, None, "nk", "all"),
+    ("gemm", "bf16", "gelu_tanh", True, None, "nk", "first"),
+    ("gemm_persistent", "fp16", "gelu_tanh", True, None, "nk", "all"),
+    ("gemm_persistent", "bf16", "swiglu", False, None, "nk", "all"),
+    ("gemm", "bf16", "none", False, None, "kn", "all"),
+    ("gemm", "fp16", "geglu", False, None, "kn", "all"),
+    ("gemm", "fp32", "gelu", True, "tf32", "nk", "all"),
+    ("gemm", "fp32", "none", False, "tf32", "kn", "all"),
+    ("act_bwd", "bf16", "gelu_tanh", True, None, None, "all"),
+    ("act_bwd", "fp16", "swiglu", True, None, None, "all"),
+    ("act_bwd", "fp32", "none", True, None, None, "all"),
 )
 LINEAR_SIZE = 512
 
 
 def _linear_cases():
-    for op, dtype_name, act, epilogue, precision, configs in LINEAR_CASES:
+    for op, dtype_name, act, epilogue, precision, tma, configs in LINEAR_CASES:
         yield dict(op=op, dtype=dtype_name, act=act, epilogue=epilogue, precision=precision,
-                   configs=configs)
+                   tma=tma, configs=configs)
 
 
 def _linear_launch(case):
@@ -235,12 +254,16 @@ def _linear_launch(case):
     cols = 2 * n if case["act"] in kernels.GATED else n
     if case["op"] in ("gemm", "gemm_persistent"):
         torch.backends.cuda.matmul.allow_tf32 = case["precision"] == "tf32"
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, cols, dtype=dtype)
+        a = torch.randn(n, n, dtype=dtype)
+        if case["tma"] == "nk":
+            b = torch.randn(cols, n, dtype=dtype).t()
+        else:
+            b = torch.randn(n, cols, dtype=dtype)
         epilogue = case["epilogue"]
         kernels.gemm(a, b, case["act"], bias=torch.zeros(cols, dtype=dtype) if epilogue else None,
                      residual=torch.zeros(n, n, dtype=dtype) if epilogue else None,
                      save_pre=epilogue and case["act"] != "none",
-                     persistent=case["op"] == "gemm_persistent")
+                     persistent=case["op"] == "gemm_persistent", tma=case["tma"] is not None)
     else:
         pre = torch.randn(n, cols, dtype=dtype) if case["act"] != "none" else None
         kernels.act_backward(torch.randn(n, n, dtype=dtype), pre, case["act"], case["epilogue"])
@@ -320,12 +343,17 @@ def _install_compile_only(compiled, state):
 
     def compile_configs(self, grid):
         def warm_up(*args, **kwargs):
-            self.nargs = dict(zip(self.arg_names, args))  # what the configs' pruning reads
+            nargs = dict(zip(self.arg_names, args))
+            self.nargs = nargs  # what the configs' pruning reads
             configs = self.prune_configs(kwargs)
             self.nargs = None
             if state["configs"] == "first":
                 configs = configs[:1]
             for config in configs:
+                if config.pre_hook is not None:
+                    # As Autotuner.run calls it before a launch (it may set what the kernel is
+                    # compiled against, e.g. a TMA descriptor's block shape).
+                    config.pre_hook({**nargs, **kwargs, **config.all_kwargs()})
                 kernel = self.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())
                 compiled.append((kernel, config))
         return warm_up
@@ -364,7 +392,8 @@ def _compile_case(suite_case):
             arch=kernel.metadata.target.arch, num_warps=kernel.metadata.num_warps,
             registers=regs, spill_store_bytes=spill_bytes, shared=kernel.metadata.shared,
             tensor_cores=bool(re.search(r"\b(wgmma|mma\.sync)\.", ptx)),
-            wgmma=bool(re.search(r"\bwgmma\.", ptx))))
+            wgmma=bool(re.search(r"\bwgmma\.", ptx)),
+            tma=bool(re.search(r"\bcp\.async\.bulk\.tensor\.", ptx))))
     return records
 
 

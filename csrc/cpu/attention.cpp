@@ -30,6 +30,7 @@
 // Problem::score_tile, which the forward and both backward passes share (the backward then
 // also needs the cap's derivative in dscores_tile); lse is already returned.
 #include "cpu/attention.h"
+#include "cpu/element.h"
 #include "cpu/simd.h"
 #include "cpu/vmath.h"
 
@@ -94,16 +95,6 @@ struct Blocks {
 constexpr Blocks kFwdCausalBlocks{128, 256};
 constexpr Blocks kFwdFullBlocks{256, 512};
 constexpr Blocks kBwdBlocks{128, 128};
-
-// Compute type: float for float and the 16-bit types, double for double.
-template <class T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
 
 // ------------------------------------------------------------------------------- gemm
 //
@@ -648,17 +639,6 @@ void bwd_impl(const Problem<T>& pb, const Operand<T>& dout, const Operand<T>& ou
       convert_rows<S, T>(w.acc_v, Ev, n, Ev, dv + pb.out_offset(b, g, j0, sh.kv_heads, Skv, Ev),
                          Ev, nullptr);
     });
-  }
-}
-
-// Calls f(T{}) with T the C++ element type of dtype.
-template <class F>
-void with_element_type(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); return;
-    case DType::kFloat64: f(double{}); return;
-    case DType::kBFloat16: f(c10::BFloat16{}); return;
-    case DType::kFloat16: f(c10::Half{}); return;
   }
 }
 

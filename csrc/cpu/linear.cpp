@@ -11,13 +11,13 @@
 #include "cpu/linear.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/element.h"
 #include "cpu/simd.h"
 #include "cpu/vmath.h"
 
@@ -28,25 +28,6 @@
 namespace fastgpt {
 namespace cpu {
 namespace {
-
-template <class T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-
-template <class F>
-void with_element_type(DType dtype, const F& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); return;
-    case DType::kFloat64: f(double{}); return;
-    case DType::kBFloat16: f(c10::BFloat16{}); return;
-    case DType::kFloat16: f(c10::Half{}); return;
-  }
-}
 
 // Rows per parallel task: enough elements that a task outweighs its scheduling (~64K).
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(n, 1)); }
@@ -132,7 +113,49 @@ FASTGPT_SIMD_CLONES void add_row(S* acc, const T* row, int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<S>(row[j]);
 }
 
+// z[0:M, j0:j1] = x @ w^T for M <= kSkinnyMaxRows rows of x, float32: each weight row is read
+// once and dotted with all M rows of x while it is in L1 (M partial sums per lane, one
+// accumulator set per row of x, unrolled by the template). Weight rows are contiguous
+// (nn.Linear's layout), so the loop streams the weight at the memory's read rate.
+template <int M>
+FASTGPT_SIMD_CLONES void skinny_rows(const float* x, int64_t x_stride, const float* w,
+                                     int64_t w_stride, float* z, int64_t z_stride, int64_t j0,
+                                     int64_t j1, int64_t K) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* wj = w + j * w_stride;
+    float acc[M] = {};
+    for (int m = 0; m < M; ++m) {
+      const float* xm = x + m * x_stride;
+      float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+      for (int64_t k = 0; k < K; ++k) a += xm[k] * wj[k];
+      acc[m] = a;
+    }
+    for (int m = 0; m < M; ++m) z[m * z_stride + j] = acc[m];
+  }
+}
+
 }  // namespace
+
+void skinny_gemm(const float* x, int64_t x_row_stride, const float* w, int64_t w_row_stride,
+                 float* z, int64_t M, int64_t N, int64_t K) {
+  auto run = [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    // ~32K weights (128 KiB) per task: enough to outweigh the scheduling, small enough that
+    // both threads get work at GPT-2's 768 x 768.
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(K, 1));
+    at::parallel_for(0, N, grain, [&](int64_t j0, int64_t j1) {
+      skinny_rows<R>(x, x_row_stride, w, w_row_stride, z, N, j0, j1, K);
+    });
+  };
+  switch (M) {
+    case 1: run(std::integral_constant<int, 1>{}); return;
+    case 2: run(std::integral_constant<int, 2>{}); return;
+    case 3: run(std::integral_constant<int, 3>{}); return;
+    case 4: run(std::integral_constant<int, 4>{}); return;
+  }
+  TORCH_INTERNAL_ASSERT(false, "skinny_gemm: M = ", M, " is over kSkinnyMaxRows");
+}
 
 void linear_epilogue(DType dtype, DType bias_dtype, Activation act, void* z, const void* bias,
                      const void* residual, int64_t residual_row_stride, void* y, int64_t M,
