@@ -2,19 +2,16 @@
 runs agreeing step by step, checkpoints that resume the exact run, the CLI end to end, clear
 errors, and DistributedDataParallel (gloo, two CPU processes) giving single-process gradients."""
 import dataclasses
-import datetime
 import os
 import random
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.nn.parallel import DistributedDataParallel
 
 import fastgpt
 from fastgpt import cli
@@ -291,37 +288,13 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, args, message):
 
 WORLD = 2
 DDP_TIMEOUT_S = 120
+DDP_WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _ddp_worker(rank, port, init_path, batch_path, out_dir):
-    """One rank: the tiny model under DistributedDataParallel, the native kernels, its half of
-    the batch; rank 0 writes the (all-reduced, averaged) gradients, every rank its loss."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)  # two ranks on a shared machine
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        model = GPT(GPTConfig.from_preset("tiny"))
-        model.load_state_dict(torch.load(init_path, weights_only=True))
-        ddp = DistributedDataParallel(model)
-        x, y = torch.load(batch_path, weights_only=True)  # (B, T) each
-        rows = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
-        with fastgpt.use_backend("native"):
-            _, loss = ddp(x[rows], y[rows])
-            loss.backward()  # DDP averages the gradients over the ranks
-        torch.save(loss.detach(), os.path.join(out_dir, f"loss{rank}.pt"))
-        if rank == 0:
-            grads = {name: p.grad for name, p in model.named_parameters()}
-            torch.save(grads, os.path.join(out_dir, "grads.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _gradients(model, x, y, backend):
@@ -353,19 +326,25 @@ def test_ddp_gradients_match_a_single_process_run(tmp_path):
     torch.save(model.state_dict(), init_path)
     torch.save((x, y), batch_path)
 
-    context = mp.start_processes(_ddp_worker, nprocs=WORLD, join=False, start_method="spawn",
-                                 args=(_free_port(), str(init_path), str(batch_path),
-                                       str(tmp_path)))
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")  # the ranks talk over loopback only
+    port = _free_port()
+    ranks = [subprocess.Popen([sys.executable, str(DDP_WORKER), str(rank), str(WORLD), str(port),
+                               str(init_path), str(batch_path), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(WORLD)]
     deadline = time.monotonic() + DDP_TIMEOUT_S
     try:
-        while not context.join(timeout=1):  # raises with the rank's traceback if one failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP ranks did not finish within {DDP_TIMEOUT_S} s")
+        for rank, proc in enumerate(ranks):
+            try:
+                output, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"DDP rank {rank} did not finish within {DDP_TIMEOUT_S} s")
+            assert proc.returncode == 0, f"DDP rank {rank} failed:\n{output[-4000:]}"
     finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
     ddp_loss = sum(torch.load(tmp_path / f"loss{r}.pt", weights_only=True)
