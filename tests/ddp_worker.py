@@ -6,7 +6,7 @@ The tiny GPT from INIT_STATE under DistributedDataParallel (gloo, rank 0's store
 127.0.0.1:PORT), fastgpt's native kernels, rows rank*B/WORLD .. (rank+1)*B/WORLD of BATCH;
 rank 0 writes the all-reduced (averaged) gradients, every rank its loss, into OUT_DIR. A fresh
 interpreter, not a multiprocessing child of pytest, so nothing of the test process's state
-(threads, environment set up by other tests) reaches it.
+(threads, open pipes, environment set up by other tests) reaches it.
 """
 import datetime
 import os

@@ -328,18 +328,27 @@ def test_ddp_gradients_match_a_single_process_run(tmp_path):
 
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")  # the ranks talk over loopback only
     port = _free_port()
-    ranks = [subprocess.Popen([sys.executable, str(DDP_WORKER), str(rank), str(WORLD), str(port),
-                               str(init_path), str(batch_path), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(WORLD)]
+    # Output to files, not pipes: a rank blocked on a full pipe that nobody reads while the
+    # test waits on the other rank would stall both in their collective.
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(WORLD)]
+    ranks = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as out:
+            ranks.append(subprocess.Popen(
+                [sys.executable, str(DDP_WORKER), str(rank), str(WORLD), str(port),
+                 str(init_path), str(batch_path), str(tmp_path)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     deadline = time.monotonic() + DDP_TIMEOUT_S
     try:
         for rank, proc in enumerate(ranks):
             try:
-                output, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"DDP rank {rank} did not finish within {DDP_TIMEOUT_S} s")
-            assert proc.returncode == 0, f"DDP rank {rank} failed:\n{output[-4000:]}"
+                pytest.fail(f"DDP rank {rank} did not finish within {DDP_TIMEOUT_S} s:\n"
+                            + "\n".join(f"rank {r}: {log.read_text()[-2000:]}"
+                                         for r, log in enumerate(logs)))
+            assert proc.returncode == 0, (f"DDP rank {rank} failed:\n"
+                                          f"{logs[rank].read_text()[-4000:]}")
     finally:
         for proc in ranks:
             if proc.poll() is None:
