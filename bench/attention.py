@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.testing import eager_attention
 
-from .harness import Contender, Problem, Workload, standard_contenders
+from .harness import Contender, Problem, Workload, check_shapes, standard_contenders
 
 VARIANTS = ("fwd", "bwd", "fwd+bwd")
 
@@ -67,10 +67,7 @@ class AttentionCase:
         self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool,
         shapes: Sequence[tuple[int, ...]] | None = None,
     ) -> list[Problem]:
-        for shape in shapes or ():
-            if len(shape) != 4 or min(shape) < 1:
-                raise ValueError(f"{self.name} takes shapes BxHxTxD with all >= 1, got "
-                                 f"{'x'.join(map(str, shape))}")
+        check_shapes(self.name, shapes, (4,), "BxHxTxD with all >= 1")
         plan = PLAN[device]
         plan_dtypes = list(dict.fromkeys(d for d, _, _ in plan))
         if shapes or quick:  # the user's shapes (causal), or the smoke test
@@ -170,10 +167,8 @@ class DecodeCase:
         self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool,
         shapes: Sequence[tuple[int, ...]] | None = None,
     ) -> list[Problem]:
-        for shape in shapes or ():
-            if len(shape) != 5 or min(shape) < 1 or shape[1] % shape[2]:
-                raise ValueError(f"{self.name} takes shapes BxHqxHkxTxD with all >= 1 and Hk "
-                                 f"dividing Hq, got {'x'.join(map(str, shape))}")
+        check_shapes(self.name, shapes, (5,), "BxHqxHkxTxD with all >= 1 and Hk dividing Hq",
+                     valid=lambda s: s[1] % s[2] == 0)
         plan = DECODE_PLAN[device]
         plan_dtypes = list(dict.fromkeys(d for d, _ in plan))
         rows = [(d, shape) for d in dtypes or plan_dtypes

@@ -348,6 +348,15 @@ def shape_label(shape: Sequence[int]) -> str:
     return "x".join(str(s) for s in shape)
 
 
+def check_shapes(case: str, shapes: Sequence[tuple[int, ...]] | None, dims: tuple[int, ...],
+                 form: str, valid: Callable[[tuple[int, ...]], bool] | None = None) -> None:
+    """ValueError naming `case` and the `form` it takes for a --shape with a length not in
+    `dims`, an entry below 1, or (where given) one `valid` rejects."""
+    for shape in shapes or ():
+        if len(shape) not in dims or min(shape) < 1 or (valid is not None and not valid(shape)):
+            raise ValueError(f"{case} takes shapes {form}, got {shape_label(shape)}")
+
+
 def run_problem(case: Case, problem: Problem, session: Session, log: Callable[[str], None] | None = None) -> list[dict]:
     """Check and time every contender of one problem; one row (a dict) per contender."""
     if session.compile:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fastgpt
 
-from .harness import Contender, Problem, Workload, standard_contenders
+from .harness import Contender, Problem, Workload, check_shapes, standard_contenders
 
 VARIANTS = ("fwd", "fwd+grad", "fwd+residual", "bwd", "bwd+residual")
 BANDWIDTH_VARIANTS = ("fwd", "fwd+residual", "bwd", "bwd+residual")
@@ -73,10 +73,7 @@ class NormCase:
         self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool,
         shapes: Sequence[tuple[int, ...]] | None = None,
     ) -> list[Problem]:
-        for shape in shapes or ():
-            if len(shape) != 2 or min(shape) < 1:
-                raise ValueError(f"{self.name} takes shapes ROWSxHIDDEN with both >= 1, got "
-                                 f"{'x'.join(map(str, shape))}")
+        check_shapes(self.name, shapes, (2,), "ROWSxHIDDEN with both >= 1")
         plan = PLAN[device]
         plan_dtypes = list(dict.fromkeys(d for d, _, _ in plan))
         if shapes or quick:  # the user's shapes, or the smoke test: every variant of each

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import fastgpt
 from fastgpt.linear import _eager_linear
 
-from .harness import Contender, Problem, Workload, standard_contenders
+from .harness import Contender, Problem, Workload, check_shapes, standard_contenders
 
 LINEAR_VARIANTS = ("gelu_tanh", "residual", "swiglu", "plain")
 _ACTIVATION = {"gelu_tanh": "gelu_tanh", "residual": None, "swiglu": "swiglu", "plain": None}
@@ -87,10 +87,7 @@ class LinearCase:
         self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool,
         shapes: Sequence[tuple[int, ...]] | None = None,
     ) -> list[Problem]:
-        for shape in shapes or ():
-            if len(shape) != 3 or min(shape) < 1:
-                raise ValueError(f"{self.name} takes shapes MxNxK with all >= 1, got "
-                                 f"{'x'.join(map(str, shape))}")
+        check_shapes(self.name, shapes, (3,), "MxNxK with all >= 1")
         if shapes:
             quick_rows = [(v, s) for s in shapes for v in LINEAR_VARIANTS]
         else:
@@ -170,10 +167,7 @@ class MatmulCase:
         self, device: str, dtypes: Sequence[torch.dtype] | None, quick: bool,
         shapes: Sequence[tuple[int, ...]] | None = None,
     ) -> list[Problem]:
-        for shape in shapes or ():
-            if len(shape) != 3 or min(shape) < 1:
-                raise ValueError(f"{self.name} takes shapes MxNxK with all >= 1, got "
-                                 f"{'x'.join(map(str, shape))}")
+        check_shapes(self.name, shapes, (3,), "MxNxK with all >= 1")
         quick_rows = [(s,) for s in shapes] if shapes else ([(s,) for s in MATMUL_QUICK]
                                                             if quick else None)
         rows = _plan_rows(MATMUL_PLAN[device], dtypes, quick_rows)

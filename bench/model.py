@@ -47,7 +47,7 @@ from fastgpt.model import GPT, GPTConfig
 from fastgpt.testing import CHECK_TOLERANCE
 
 from .attention import attention_flops
-from .harness import Contender, Problem, Workload, fastgpt_backends
+from .harness import Contender, Problem, Workload, check_shapes, fastgpt_backends
 
 KINDS = ("train", "prefill", "decode")
 
@@ -189,11 +189,9 @@ class ModelCase:
         presets = {k: p for _, k, p, _ in plan}
         if quick:
             presets = {k: p for k, p, _ in QUICK}
+        check_shapes(self.name, shapes, (2, 3), "BxT (train and prefill) or BxPxN (decode: "
+                     "prompt and new tokens), all >= 1")
         for shape in shapes or ():
-            if len(shape) not in (2, 3) or min(shape) < 1:
-                raise ValueError(f"{self.name} takes shapes BxT (train and prefill) or BxPxN "
-                                 f"(decode: prompt and new tokens), all >= 1, got "
-                                 f"{'x'.join(map(str, shape))}")
             kind = "train" if len(shape) == 2 else "decode"
             length = shape[1] if len(shape) == 2 else shape[1] + shape[2]
             block = GPTConfig.from_preset(presets[kind]).block_size
